@@ -1,0 +1,70 @@
+"""Relevance-propagation operators.
+
+Every operator follows one convention: ``XxxFn`` is a ``torch.autograd.Function`` whose forward
+returns exactly the value of the original operation and whose backward implements the LRP rule
+in gradient form; ``xxx()`` is the thin wrapper used by adapters; ``xxx_ref()`` is a pure-torch
+reference written with ``detach()`` that the tests compare against.
+
+Gradient form means: when an operator maps ``x`` to ``y`` and receives the gradient ``g`` of
+``y``, the returned ``dx`` satisfies ``x * dx = R_x`` where ``R_x`` is the relevance that the rule
+assigns to ``x`` given the relevance ``y * g`` of the output. Chained operators therefore
+propagate relevance when autograd chains their gradients, and ``embedding * grad`` at the input
+is the explanation.
+"""
+
+from mambalrp.functional.gate import HalfGateFn, half_gate, half_gate_ref
+from mambalrp.functional.linear import (
+    EpsilonLinearFn,
+    GammaLinearFn,
+    causal_conv1d,
+    epsilon_linear,
+    epsilon_linear_ref,
+    gamma_linear,
+    gamma_linear_ref,
+)
+from mambalrp.functional.norm import (
+    RMSNormLRPFn,
+    gated_rmsnorm,
+    gated_rmsnorm_ref,
+    rmsnorm,
+    rmsnorm_lrp,
+    rmsnorm_lrp_ref,
+)
+from mambalrp.functional.selective_scan import (
+    SelectiveScanLRPFn,
+    selective_scan,
+    selective_scan_lrp,
+    selective_scan_ref,
+)
+from mambalrp.functional.silu import SiLUIdentityFn, silu_identity, silu_identity_ref
+from mambalrp.functional.ssd import SSDScanLRPFn, ssd_scan, ssd_scan_lrp, ssd_scan_ref
+
+__all__ = [
+    "EpsilonLinearFn",
+    "GammaLinearFn",
+    "HalfGateFn",
+    "RMSNormLRPFn",
+    "SSDScanLRPFn",
+    "SelectiveScanLRPFn",
+    "SiLUIdentityFn",
+    "causal_conv1d",
+    "epsilon_linear",
+    "epsilon_linear_ref",
+    "gamma_linear",
+    "gamma_linear_ref",
+    "gated_rmsnorm",
+    "gated_rmsnorm_ref",
+    "half_gate",
+    "half_gate_ref",
+    "rmsnorm",
+    "rmsnorm_lrp",
+    "rmsnorm_lrp_ref",
+    "selective_scan",
+    "selective_scan_lrp",
+    "selective_scan_ref",
+    "silu_identity",
+    "silu_identity_ref",
+    "ssd_scan",
+    "ssd_scan_lrp",
+    "ssd_scan_ref",
+]

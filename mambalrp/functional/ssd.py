@@ -1,0 +1,205 @@
+"""Mamba-2 SSD scan (scalar decay per head) and its MambaLRP rule.
+
+Forward, per head ``h`` with state ``(p, n)``::
+
+    H_t = exp(dt_t * A_h) * H_{t-1} + (dt_t * x_t) outer B_t      y_t = H_t C_t + D_h * x_t
+
+As for Mamba-1, the rule holds ``dt``, the decays, ``B`` and ``C`` constant and returns only
+``dx`` through the adjoint (reverse) scan. Both directions use the chunked (SSD) form: inside a
+chunk of ``L`` steps the decays form an ``(L, L)`` lower-triangular matrix per head; between
+chunks one ``(p, n)`` state per head is carried.
+
+Layout (as in mamba_ssm and HF): ``x: (b, T, h, p)``, ``dt: (b, T, h)`` after softplus and
+clamping, ``A: (h,)``, ``B, C: (b, T, g, n)`` with ``h`` a multiple of ``g``, ``D: (h,)`` or
+``(h, p)``. Computation in float32; output ``(b, T, h, p)`` float32.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from mambalrp.functional import dispatch
+from mambalrp.functional.scan_core import acc
+
+DEFAULT_CHUNK = 64
+
+
+def _check(x, dt, A, B, C, D) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"x must be (batch, T, heads, head_dim); got {tuple(x.shape)}")
+    b, T, h, _ = x.shape
+    if tuple(dt.shape) != (b, T, h):
+        raise ValueError(f"dt must be (batch, T, heads) = {(b, T, h)}; got {tuple(dt.shape)}")
+    if tuple(A.shape) != (h,):
+        raise ValueError(f"A must be (heads,) = ({h},); got {tuple(A.shape)}")
+    for name, t in (("B", B), ("C", C)):
+        if t.dim() != 4 or t.shape[:2] != (b, T) or h % t.shape[2]:
+            raise ValueError(f"{name} must be (batch, T, groups, d_state) with heads % groups == 0; got {tuple(t.shape)}")
+    if D is not None and D.shape not in ((h,), (h, x.shape[-1])):
+        raise ValueError(f"D must be (heads,) or (heads, head_dim); got {tuple(D.shape)}")
+
+
+def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    groups = t.shape[2]
+    return t if groups == heads else t.repeat_interleave(heads // groups, dim=2)
+
+
+def _skip(D: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor | None:
+    if D is None:
+        return None
+    return (D[:, None] if D.dim() == 1 else D) * v
+
+
+def _chunk_decays(dt_c: torch.Tensor, A: torch.Tensor):
+    """Cumulative log decay ``la (b, L, h)`` and the masked segment decays ``(b, l, s, h)``."""
+    la = torch.cumsum(dt_c * A, dim=1)
+    seg = la[:, :, None, :] - la[:, None, :, :]
+    L = dt_c.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=dt_c.device).tril()
+    return la, torch.exp(seg.masked_fill(~causal[None, :, :, None], float("-inf")))
+
+
+def _ssd_chunk(x, dt, A, B, C, h0):
+    """One chunk, differentiable. B, C already per head. Returns ``(y, h_last)``."""
+    la, decay = _chunk_decays(dt, A)
+    xd = x * dt.unsqueeze(-1)
+    scores = torch.einsum("blhn,bshn->blsh", C, B) * decay
+    y = torch.einsum("blsh,bshp->blhp", scores, xd)
+    to_end = torch.exp(la[:, -1:, :] - la)
+    h_last = torch.einsum("blhn,blhp->bhpn", B * to_end.unsqueeze(-1), xd)
+    if h0 is not None:
+        y = y + torch.einsum("blhn,bhpn->blhp", C, h0) * torch.exp(la).unsqueeze(-1)
+        h_last = h_last + torch.exp(la[:, -1])[:, :, None, None] * h0
+    return y, h_last
+
+
+def ssd_scan_fwd_torch(x, dt, A, B, C, D, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Chunked forward without autograd; float32 inputs. Returns ``y`` (b, T, h, p)."""
+    heads = x.shape[2]
+    B, C = _heads(B, heads), _heads(C, heads)
+    y = torch.empty_like(x)
+    h = None
+    for t0 in range(0, x.shape[1], chunk):
+        sl = slice(t0, t0 + chunk)
+        y[:, sl], h = _ssd_chunk(x[:, sl], dt[:, sl], A, B[:, sl], C[:, sl], h)
+    skip = _skip(D, x)
+    return y if skip is None else y + skip
+
+
+def ssd_scan_lrp_bwd_torch(g, dt, A, B, C, D, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Adjoint scan of the SSM rule; float32 inputs. Returns ``dx`` (b, T, h, p)."""
+    heads = g.shape[2]
+    B, C = _heads(B, heads), _heads(C, heads)
+    dx = torch.empty_like(g)
+    gh = None  # gradient of the state at the end of the current chunk, from later chunks
+    T = g.shape[1]
+    for t0 in reversed(range(0, T, chunk)):
+        sl = slice(t0, t0 + chunk)
+        g_c, dt_c, B_c, C_c = g[:, sl], dt[:, sl], B[:, sl], C[:, sl]
+        la, decay = _chunk_decays(dt_c, A)
+        scores = torch.einsum("blhn,bshn->blsh", C_c, B_c) * decay
+        gxd = torch.einsum("blsh,blhp->bshp", scores, g_c)
+        if gh is not None:
+            to_end = torch.exp(la[:, -1:, :] - la)
+            gxd = gxd + torch.einsum("bshn,bhpn->bshp", B_c * to_end.unsqueeze(-1), gh)
+        dx[:, sl] = gxd * dt_c.unsqueeze(-1)
+        gh_new = torch.einsum("blhn,blhp->bhpn", C_c * torch.exp(la).unsqueeze(-1), g_c)
+        if gh is not None:
+            gh_new = gh_new + torch.exp(la[:, -1])[:, :, None, None] * gh
+        gh = gh_new
+    skip = _skip(D, g)
+    return dx if skip is None else dx + skip
+
+
+def _impl(x: torch.Tensor):
+    if dispatch.resolve(x, "ssd_scan") == "triton":
+        kernels = dispatch.triton_kernels()
+        return kernels.ssd_scan_fwd, kernels.ssd_scan_lrp_bwd
+    return ssd_scan_fwd_torch, ssd_scan_lrp_bwd_torch
+
+
+class SSDScanLRPFn(torch.autograd.Function):
+    """Forward: the SSD scan. Backward: the SSM rule (``dx`` only, by the adjoint scan)."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D):
+        fwd, _ = _impl(x)
+        f32 = [acc(t) for t in (dt, A, B, C, D)]
+        ctx.save_for_backward(*[t for t in f32 if t is not None])
+        ctx.has_d = D is not None
+        ctx.x_dtype = x.dtype
+        return fwd(acc(x), *f32)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = list(ctx.saved_tensors)
+        D = saved.pop() if ctx.has_d else None
+        dt, A, B, C = saved
+        _, bwd = _impl(grad_out)
+        dx = bwd(acc(grad_out).contiguous(), dt, A, B, C, D)
+        return dx.to(ctx.x_dtype), None, None, None, None, None
+
+
+def ssd_scan_lrp(x, dt, A, B, C, D=None) -> torch.Tensor:
+    """SSD scan whose backward is the MambaLRP SSM rule.
+
+    Args:
+        x: SSM input ``(b, T, h, p)``.
+        dt: Step size after softplus ``(b, T, h)``.
+        A: Scalar decay rate per head (negative) ``(h,)``.
+        B: Input matrix ``(b, T, g, n)``.
+        C: Output matrix ``(b, T, g, n)``.
+        D: Skip ``(h,)``, ``(h, p)`` or ``None``.
+
+    Returns:
+        ``y`` ``(b, T, h, p)`` in float32. Only ``x`` receives a gradient.
+    """
+    _check(x, dt, A, B, C, D)
+    return SSDScanLRPFn.apply(x, dt, A, B, C, D)
+
+
+def ssd_scan_grad(x, dt, A, B, C, D=None, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """SSD scan with its true gradient; each chunk checkpointed. Arguments as in :func:`ssd_scan_lrp`."""
+    _check(x, dt, A, B, C, D)
+    heads = x.shape[2]
+    x32, dt32, A32 = acc(x), acc(dt), acc(A)
+    B32, C32 = _heads(acc(B), heads), _heads(acc(C), heads)
+    outs, h = [], None
+    for t0 in range(0, x.shape[1], chunk):
+        sl = slice(t0, t0 + chunk)
+        y, h = checkpoint(_ssd_chunk, x32[:, sl], dt32[:, sl], A32, B32[:, sl], C32[:, sl], h, use_reentrant=False)
+        outs.append(y)
+    y = torch.cat(outs, dim=1)
+    skip = _skip(acc(D), x32)
+    return y if skip is None else y + skip
+
+
+def ssd_scan(x, dt, A, B, C, D=None, rule: Literal["lrp", "gradient"] = "lrp") -> torch.Tensor:
+    """SSD scan with the SSM rule (``"lrp"``) or its true gradient (``"gradient"``)."""
+    if rule == "lrp":
+        return ssd_scan_lrp(x, dt, A, B, C, D)
+    if rule == "gradient":
+        return ssd_scan_grad(x, dt, A, B, C, D)
+    raise ValueError(f"unknown SSM rule {rule!r}; expected 'lrp' or 'gradient'")
+
+
+def ssd_scan_ref(x, dt, A, B, C, D=None, detach: bool = True) -> torch.Tensor:
+    """Sequential reference with a Python loop over time (coefficients detached if ``detach``)."""
+    x, dt, A, B, C = (acc(t) for t in (x, dt, A, B, C))
+    if detach:
+        dt, A, B, C = dt.detach(), A.detach(), B.detach(), C.detach()
+    heads = x.shape[2]
+    B, C = _heads(B, heads), _heads(C, heads)
+    b, T, h, p = x.shape
+    state = torch.zeros(b, h, p, B.shape[-1], dtype=x.dtype, device=x.device)
+    ys = []
+    for t in range(T):
+        decay = torch.exp(dt[:, t] * A)[:, :, None, None]
+        state = decay * state + (dt[:, t, :, None] * x[:, t]).unsqueeze(-1) * B[:, t].unsqueeze(2)
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))
+    y = torch.stack(ys, dim=1)
+    skip = _skip(acc(D), x)
+    return y if skip is None else y + skip

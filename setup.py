@@ -1,0 +1,24 @@
+"""Packaging for mambalrp. The Triton sources live in ``kernels/`` and install as ``mambalrp.kernels``."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mambalrp",
+    version="0.1.0",
+    description="Faithful, fast Layer-wise Relevance Propagation for Mamba / selective state space models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mambalrp", "mambalrp.*"]) + ["mambalrp.kernels"],
+    package_dir={"mambalrp.kernels": "kernels"},
+    install_requires=["torch>=2.1", "numpy>=1.24"],
+    extras_require={
+        "transformers": ["transformers>=4.44"],
+        "triton": ["triton>=3.0"],
+        "zennit": ["zennit>=0.5"],
+        "mamba-ssm": ["mamba-ssm>=2.2", "causal-conv1d>=1.4"],
+        "dev": ["pytest>=7", "hypothesis>=6", "transformers>=4.44", "triton>=3.0"],
+    },
+    entry_points={"console_scripts": ["mambalrp=mambalrp.cli:main"]},
+)
