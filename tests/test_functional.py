@@ -148,6 +148,10 @@ def test_selective_scan_forward_and_rule(T, with_d):
     _, (dx,) = _grads(lambda x: ops.selective_scan_lrp(x, dt, A, B, C, D), x, g=g)
     _, (dx_r,) = _grads(lambda x: ops.selective_scan_ref(x, dt, A, B, C, D), x, g=g)
     assert torch.allclose(dx, dx_r, atol=1e-12)
+
+
+def test_selective_scan_rule_gradcheck():
+    x, dt, A, B, C, D = _ssm_inputs(b=2, d=3, T=11, n=3)
     assert torch.autograd.gradcheck(lambda x: ops.selective_scan_lrp(x, dt, A, B, C, D), (x.clone().requires_grad_(),))
 
 
@@ -200,6 +204,10 @@ def test_ssd_scan_forward_and_rule(T, d_per_dim):
     _, (dx,) = _grads(lambda x: ops.ssd_scan_lrp(x, dt, A, B, C, D), x, g=g)
     _, (dx_r,) = _grads(lambda x: ops.ssd_scan_ref(x, dt, A, B, C, D), x, g=g)
     assert torch.allclose(dx, dx_r, atol=1e-12)
+
+
+def test_ssd_scan_rule_gradcheck():
+    x, dt, A, B, C, D = _ssd_inputs(b=2, T=11, h=2, p=2, g=1, n=3)
     assert torch.autograd.gradcheck(lambda x: ops.ssd_scan_lrp(x, dt, A, B, C, D), (x.clone().requires_grad_(),))
 
 
