@@ -1,0 +1,349 @@
+"""Triton kernels against the torch implementations and the sequential references.
+
+Without CUDA the kernels run on the CPU under the Triton interpreter (``TRITON_INTERPRET=1``,
+set here before the kernels are defined); shapes are kept small because the interpreter is slow.
+With CUDA the same tests run on the GPU, plus the ``gpu``-marked ones on larger shapes.
+"""
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton")
+
+from mambalrp.functional import dispatch  # noqa: E402
+from mambalrp.functional.selective_scan import (  # noqa: E402
+    SelectiveScanLRPFn,
+    selective_scan_fwd_torch,
+    selective_scan_lrp_bwd_torch,
+    selective_scan_ref,
+)
+from mambalrp.functional.ssd import (  # noqa: E402
+    SSDScanLRPFn,
+    ssd_scan_fwd_torch,
+    ssd_scan_lrp_bwd_torch,
+    ssd_scan_ref,
+)
+
+
+def _load_kernels():
+    """Import the kernels; redefine them if they were imported before the interpreter was set."""
+    kernels = importlib.import_module("mambalrp.kernels")
+    if os.environ.get("TRITON_INTERPRET") == "1" and kernels.AVAILABLE:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        jitted = sys.modules["mambalrp.kernels.selective_scan"]._selective_scan_fwd_kernel
+        if not isinstance(jitted, InterpretedFunction):
+            for name in ("mambalrp.kernels.selective_scan", "mambalrp.kernels.ssd"):
+                importlib.reload(sys.modules[name])
+            kernels = importlib.reload(kernels)
+    return kernels
+
+
+kernels = _load_kernels()
+if not kernels.AVAILABLE:
+    pytest.skip("mambalrp.kernels reports no Triton kernels", allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {"rtol": 1e-5, "atol": 1e-4}
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def mamba1_inputs(b, d, T, n, has_d=True, seed=0, device=DEVICE):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    x = rand(b, d, T)
+    dt = torch.nn.functional.softplus(rand(b, d, T) - 1.0)
+    A = -torch.exp(rand(d, n) * 0.5)
+    B, C = rand(b, n, T), rand(b, n, T)
+    D = rand(d) if has_d else None
+    g = rand(b, d, T)
+    out = [t if t is None else t.to(device) for t in (x, dt, A, B, C, D, g)]
+    return out[:6], out[6]
+
+
+def ssd_inputs(b, T, h, p, groups, n, d_shape="h", seed=0, device=DEVICE):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    x = rand(b, T, h, p)
+    dt = torch.nn.functional.softplus(rand(b, T, h) - 1.0)
+    A = -torch.exp(rand(h) * 0.5)
+    B, C = rand(b, T, groups, n), rand(b, T, groups, n)
+    D = {"none": None, "h": rand(h), "hp": rand(h, p)}[d_shape]
+    g = rand(b, T, h, p)
+    out = [t if t is None else t.to(device) for t in (x, dt, A, B, C, D, g)]
+    return out[:6], out[6]
+
+
+def ref_grad(ref, args, g):
+    """``y`` and the gradient of ``<y, g>`` w.r.t. ``x`` by autograd through a sequential reference."""
+    x = args[0].clone().requires_grad_(True)
+    y = ref(x, *args[1:], detach=True)
+    y.backward(g)
+    return y.detach(), x.grad
+
+
+# --------------------------------------------------------------------------------------------
+# Mamba-1 selective scan
+# --------------------------------------------------------------------------------------------
+
+MAMBA1_CASES = [
+    # b, d, T, n, block_d, has_d
+    (2, 5, 37, 3, None, True),
+    (2, 5, 37, 3, 2, False),  # several channel blocks, the last one masked
+    (1, 3, 1, 16, None, True),  # a single step
+    (3, 6, 7, 5, 4, True),
+]
+
+
+@pytest.mark.parametrize("b,d,T,n,block_d,has_d", MAMBA1_CASES)
+def test_selective_scan_kernels_match_torch_and_reference(b, d, T, n, block_d, has_d):
+    args, g = mamba1_inputs(b, d, T, n, has_d)
+    y = kernels.selective_scan_fwd(*args, block_d=block_d)
+    dx = kernels.selective_scan_lrp_bwd(g, *args[1:], block_d=block_d)
+    assert y.shape == dx.shape == (b, d, T) and y.dtype == dx.dtype == torch.float32
+    torch.testing.assert_close(y, selective_scan_fwd_torch(*args), **TOL)
+    torch.testing.assert_close(dx, selective_scan_lrp_bwd_torch(g, *args[1:]), **TOL)
+    y_ref, dx_ref = ref_grad(selective_scan_ref, args, g)
+    torch.testing.assert_close(y, y_ref, **TOL)
+    torch.testing.assert_close(dx, dx_ref, **TOL)
+
+
+def test_selective_scan_kernels_accept_strided_inputs():
+    # Time-major storage viewed as (b, d, T), and a transposed A: the kernels read by strides.
+    b, d, T, n = 2, 3, 9, 4
+    (x, dt, A, B, C, D), g = mamba1_inputs(b, d, T, n)
+    strided = [
+        x.transpose(1, 2).contiguous().transpose(1, 2),
+        dt.transpose(1, 2).contiguous().transpose(1, 2),
+        A.t().contiguous().t(),
+        B.transpose(1, 2).contiguous().transpose(1, 2),
+        C.transpose(1, 2).contiguous().transpose(1, 2),
+        D,
+    ]
+    assert not strided[0].is_contiguous() and not strided[2].is_contiguous()
+    g_strided = g.transpose(1, 2).contiguous().transpose(1, 2)
+    torch.testing.assert_close(kernels.selective_scan_fwd(*strided), selective_scan_fwd_torch(x, dt, A, B, C, D), **TOL)
+    torch.testing.assert_close(
+        kernels.selective_scan_lrp_bwd(g_strided, *strided[1:]),
+        selective_scan_lrp_bwd_torch(g, dt, A, B, C, D),
+        **TOL,
+    )
+
+
+@pytest.mark.parametrize("has_d", [True, False])
+def test_selective_scan_fn_with_triton_backend(has_d):
+    args, g = mamba1_inputs(2, 5, 11, 3, has_d, seed=1)
+    outs = {}
+    for backend in ("torch", "triton"):
+        x = args[0].clone().requires_grad_(True)
+        with dispatch.use_backend(backend):
+            assert dispatch.resolve(x, "selective_scan") == backend
+            y = SelectiveScanLRPFn.apply(x, *args[1:])
+            y.backward(g)
+        outs[backend] = (y.detach(), x.grad)
+    torch.testing.assert_close(outs["triton"][0], outs["torch"][0], **TOL)
+    torch.testing.assert_close(outs["triton"][1], outs["torch"][1], **TOL)
+    y_ref, dx_ref = ref_grad(selective_scan_ref, args, g)
+    torch.testing.assert_close(outs["triton"][0], y_ref, **TOL)
+    torch.testing.assert_close(outs["triton"][1], dx_ref, **TOL)
+
+
+def test_selective_scan_bf16_inputs_accumulate_in_fp32():
+    args, g = mamba1_inputs(2, 5, 13, 3, seed=2)
+    args16 = [t.to(torch.bfloat16) for t in args]
+    g16 = g.to(torch.bfloat16)
+    up = [t.float() for t in args16]
+    y = kernels.selective_scan_fwd(*args16)
+    dx = kernels.selective_scan_lrp_bwd(g16, *args16[1:])
+    assert y.dtype == dx.dtype == torch.float32
+    torch.testing.assert_close(y, selective_scan_fwd_torch(*up), **TOL)
+    torch.testing.assert_close(dx, selective_scan_lrp_bwd_torch(g16.float(), *up[1:]), **TOL)
+    # Through the autograd function: float32 output, gradient in the dtype of x.
+    x = args16[0].clone().requires_grad_(True)
+    with dispatch.use_backend("triton"):
+        y_fn = SelectiveScanLRPFn.apply(x, *args16[1:])
+        y_fn.backward(g16.float())
+    assert y_fn.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(y_fn, selective_scan_fwd_torch(*up), **TOL)
+    torch.testing.assert_close(x.grad, dx.to(torch.bfloat16))
+
+
+def test_selective_scan_float64_falls_back_to_torch():
+    args, g = mamba1_inputs(1, 3, 5, 2, seed=3)
+    args64 = [t.double() for t in args]
+    y = kernels.selective_scan_fwd(*args64)
+    dx = kernels.selective_scan_lrp_bwd(g.double(), *args64[1:])
+    assert y.dtype == dx.dtype == torch.float64
+    torch.testing.assert_close(y, selective_scan_ref(*args64))
+    torch.testing.assert_close(dx, selective_scan_lrp_bwd_torch(g.double(), *args64[1:]))
+
+
+def test_selective_scan_kernels_reject_bad_shapes():
+    (x, dt, A, B, C, D), _ = mamba1_inputs(1, 3, 4, 2)
+    with pytest.raises(ValueError):
+        kernels.selective_scan_fwd(x, dt, A, B[:, :1], C, D)
+    with pytest.raises(ValueError):
+        kernels.selective_scan_lrp_bwd(x, dt, A[:2], B, C, D)
+    with pytest.raises(ValueError):
+        kernels.selective_scan_fwd(x, dt, A, B, C, D, block_d=3)
+
+
+# --------------------------------------------------------------------------------------------
+# Mamba-2 SSD scan
+# --------------------------------------------------------------------------------------------
+
+SSD_CASES = [
+    # b, T, h, p, groups, n, D, block_p
+    (2, 37, 4, 3, 2, 5, "h", None),
+    (2, 7, 3, 5, 1, 6, "hp", 2),  # several channel blocks, the last one masked
+    (1, 1, 2, 3, 2, 4, "none", None),  # a single step, one group per head
+    (2, 7, 2, 3, 1, 3, "none", None),
+]
+
+
+@pytest.mark.parametrize("b,T,h,p,groups,n,d_shape,block_p", SSD_CASES)
+def test_ssd_kernels_match_torch_and_reference(b, T, h, p, groups, n, d_shape, block_p):
+    args, g = ssd_inputs(b, T, h, p, groups, n, d_shape)
+    y = kernels.ssd_scan_fwd(*args, block_p=block_p)
+    dx = kernels.ssd_scan_lrp_bwd(g, *args[1:], block_p=block_p)
+    assert y.shape == dx.shape == (b, T, h, p) and y.dtype == dx.dtype == torch.float32
+    torch.testing.assert_close(y, ssd_scan_fwd_torch(*args), **TOL)
+    torch.testing.assert_close(dx, ssd_scan_lrp_bwd_torch(g, *args[1:]), **TOL)
+    y_ref, dx_ref = ref_grad(ssd_scan_ref, args, g)
+    torch.testing.assert_close(y, y_ref, **TOL)
+    torch.testing.assert_close(dx, dx_ref, **TOL)
+
+
+def test_ssd_kernels_accept_strided_inputs():
+    # x and g as views of a (b, T, h, 2p) buffer; B and C as views of one packed (b, T, g, 2n).
+    b, T, h, p, groups, n = 1, 6, 2, 3, 1, 4
+    (x, dt, A, B, C, D), g = ssd_inputs(b, T, h, p, groups, n)
+    xbuf = torch.zeros(b, T, h, 2 * p, device=DEVICE)
+    xbuf[..., :p] = x
+    gbuf = torch.zeros_like(xbuf)
+    gbuf[..., p:] = g
+    bc = torch.cat([B, C], dim=-1)
+    strided = (xbuf[..., :p], dt, A, bc[..., :n], bc[..., n:], D)
+    assert not strided[0].is_contiguous() and not strided[3].is_contiguous()
+    torch.testing.assert_close(kernels.ssd_scan_fwd(*strided), ssd_scan_fwd_torch(x, dt, A, B, C, D), **TOL)
+    torch.testing.assert_close(
+        kernels.ssd_scan_lrp_bwd(gbuf[..., p:], *strided[1:]),
+        ssd_scan_lrp_bwd_torch(g, dt, A, B, C, D),
+        **TOL,
+    )
+
+
+@pytest.mark.parametrize("d_shape", ["h", "none"])
+def test_ssd_fn_with_triton_backend(d_shape):
+    args, g = ssd_inputs(2, 9, 4, 3, 2, 5, d_shape, seed=1)
+    outs = {}
+    for backend in ("torch", "triton"):
+        x = args[0].clone().requires_grad_(True)
+        with dispatch.use_backend(backend):
+            assert dispatch.resolve(x, "ssd_scan") == backend
+            y = SSDScanLRPFn.apply(x, *args[1:])
+            y.backward(g)
+        outs[backend] = (y.detach(), x.grad)
+    torch.testing.assert_close(outs["triton"][0], outs["torch"][0], **TOL)
+    torch.testing.assert_close(outs["triton"][1], outs["torch"][1], **TOL)
+    y_ref, dx_ref = ref_grad(ssd_scan_ref, args, g)
+    torch.testing.assert_close(outs["triton"][0], y_ref, **TOL)
+    torch.testing.assert_close(outs["triton"][1], dx_ref, **TOL)
+
+
+def test_ssd_bf16_inputs_accumulate_in_fp32():
+    args, g = ssd_inputs(1, 11, 2, 3, 1, 5, "hp", seed=2)
+    args16 = [t.to(torch.bfloat16) for t in args]
+    g16 = g.to(torch.bfloat16)
+    up = [t.float() for t in args16]
+    y = kernels.ssd_scan_fwd(*args16)
+    dx = kernels.ssd_scan_lrp_bwd(g16, *args16[1:])
+    assert y.dtype == dx.dtype == torch.float32
+    torch.testing.assert_close(y, ssd_scan_fwd_torch(*up), **TOL)
+    torch.testing.assert_close(dx, ssd_scan_lrp_bwd_torch(g16.float(), *up[1:]), **TOL)
+
+
+def test_ssd_float64_falls_back_to_torch():
+    args, g = ssd_inputs(1, 5, 2, 2, 1, 3, seed=3)
+    args64 = [t.double() for t in args]
+    y = kernels.ssd_scan_fwd(*args64)
+    dx = kernels.ssd_scan_lrp_bwd(g.double(), *args64[1:])
+    assert y.dtype == dx.dtype == torch.float64
+    torch.testing.assert_close(y, ssd_scan_ref(*args64))
+    torch.testing.assert_close(dx, ssd_scan_lrp_bwd_torch(g.double(), *args64[1:]))
+
+
+def test_ssd_kernels_reject_bad_shapes():
+    (x, dt, A, B, C, D), _ = ssd_inputs(1, 4, 4, 2, 2, 3)
+    with pytest.raises(ValueError):
+        bad = B[:, :, :1].expand(1, 4, 3, 3)  # 4 heads, 3 groups
+        kernels.ssd_scan_fwd(x, dt, A, bad, bad, D)
+    with pytest.raises(ValueError):
+        kernels.ssd_scan_lrp_bwd(x, dt[:, :2], A, B, C, D)
+    with pytest.raises(ValueError):
+        kernels.ssd_scan_fwd(x, dt, A, B, C, D, block_p=6)
+
+
+def test_auto_backend_routes_by_device():
+    x_cpu = torch.zeros(1, 1, 1)
+    with dispatch.use_backend("auto"):
+        assert dispatch.resolve(x_cpu, "selective_scan") == "torch"
+        assert dispatch.resolve(x_cpu, "ssd_scan") == "torch"
+        if torch.cuda.is_available():
+            assert dispatch.resolve(x_cpu.cuda(), "selective_scan") == "triton"
+            assert dispatch.resolve(x_cpu.cuda(), "ssd_scan") == "triton"
+
+
+# --------------------------------------------------------------------------------------------
+# GPU only: realistic sizes
+# --------------------------------------------------------------------------------------------
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_selective_scan_kernels_gpu_sizes(dtype):
+    # mamba-130m: d_inner 1536, d_state 16; a T that is not a multiple of any block size.
+    args, g = mamba1_inputs(2, 1536, 1000, 16, seed=4, device="cuda")
+    args = [t.to(dtype) for t in args]
+    g = g.to(dtype)
+    up = [t.float() for t in args]
+    torch.testing.assert_close(kernels.selective_scan_fwd(*args), selective_scan_fwd_torch(*up), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(
+        kernels.selective_scan_lrp_bwd(g, *args[1:]),
+        selective_scan_lrp_bwd_torch(g.float(), *up[1:]),
+        rtol=1e-4,
+        atol=1e-3,
+    )
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ssd_kernels_gpu_sizes(dtype):
+    # mamba2-130m-like: 24 heads of 64 channels, one group, d_state 128.
+    args, g = ssd_inputs(2, 1000, 24, 64, 1, 128, "h", seed=5, device="cuda")
+    args = [t.to(dtype) for t in args]
+    g = g.to(dtype)
+    up = [t.float() for t in args]
+    torch.testing.assert_close(kernels.ssd_scan_fwd(*args), ssd_scan_fwd_torch(*up), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(
+        kernels.ssd_scan_lrp_bwd(g, *args[1:]),
+        ssd_scan_lrp_bwd_torch(g.float(), *up[1:]),
+        rtol=1e-4,
+        atol=1e-3,
+    )
