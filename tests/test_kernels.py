@@ -7,7 +7,9 @@ With CUDA the same tests run on the GPU, plus the ``gpu``-marked ones on larger 
 
 import importlib
 import os
+import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -306,6 +308,64 @@ def test_auto_backend_routes_by_device():
         if torch.cuda.is_available():
             assert dispatch.resolve(x_cpu.cuda(), "selective_scan") == "triton"
             assert dispatch.resolve(x_cpu.cuda(), "ssd_scan") == "triton"
+
+
+# --------------------------------------------------------------------------------------------
+# Compilation for a GPU target (no GPU needed)
+# --------------------------------------------------------------------------------------------
+
+# Run in a fresh interpreter: under TRITON_INTERPRET the kernels are not compiled, and the
+# interpreter's patches of triton.language stay active in this process.
+COMPILE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource, compile
+    except ImportError as err:
+        print("no ahead-of-time compile API:", err)
+        sys.exit(3)
+    from mambalrp.kernels import selective_scan, ssd
+
+    def build(kernel, constexprs, x_type, arch):
+        signature = {
+            a: "constexpr" if a in constexprs else (("*" + x_type) if a in ("x_ptr", "g_ptr") else "*fp32")
+            if a.endswith("_ptr") else "i32"
+            for a in kernel.arg_names
+        }
+        compiled = compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32))
+        assert compiled.asm["cubin"], kernel.fn.__name__
+
+    # Block sizes as the wrappers choose them for mamba-130m / mamba2-130m layers.
+    block_d, block_n = selective_scan._blocks(1536, 16, None)
+    block_p, block_ns = ssd._blocks(64, 128, None)
+    cases = [
+        (selective_scan._selective_scan_fwd_kernel, dict(HAS_D=True, BLOCK_D=block_d, BLOCK_N=block_n), "bf16", 90),
+        (selective_scan._selective_scan_lrp_bwd_kernel, dict(HAS_D=False, BLOCK_D=block_d, BLOCK_N=block_n), "fp32", 80),
+        (ssd._ssd_scan_fwd_kernel, dict(HAS_D=False, BLOCK_P=block_p, BLOCK_N=block_ns), "fp32", 80),
+        (ssd._ssd_scan_lrp_bwd_kernel, dict(HAS_D=True, BLOCK_P=block_p, BLOCK_N=block_ns), "bf16", 90),
+    ]
+    for kernel, constexprs, x_type, arch in cases:
+        build(kernel, constexprs, x_type, arch)
+    print("compiled", len(cases))
+    """
+)
+
+
+def test_kernels_compile_for_gpu_targets():
+    """The interpreter does not type-check like the compiler: compile to cubin for sm_80 and sm_90."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("compiling the kernels took longer than 300 s")
+    if done.returncode == 3:
+        pytest.skip(done.stdout.strip())
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "compiled" in done.stdout
 
 
 # --------------------------------------------------------------------------------------------
