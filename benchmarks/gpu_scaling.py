@@ -14,8 +14,9 @@ batch 1. For every model and sequence length it measures:
   MambaLRP code (memory ``O(b * d * T * n)`` per layer).
 
 Out-of-memory errors are recorded as ``"oom"`` and longer sequences of the same series are then
-skipped. At T = 16k it also measures the achieved memory bandwidth of the selective-scan kernels
-(bytes read and written / time) against the bandwidth of a large device-to-device copy.
+skipped. At T = 16k it also measures the achieved memory bandwidth of the selective-scan kernels,
+both variants (bytes read and written / time), against the bandwidth of a large
+device-to-device copy.
 
 Writes ``gpu_scaling.json`` (machine, versions, seed, all rows), ``gpu_scaling.md`` (tables) and
 ``gpu_scaling.png`` (if matplotlib is installed) to ``--out-dir``.
@@ -386,18 +387,27 @@ def _cuda_time(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
-def kernel_bandwidth(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    """Achieved bandwidth of the selective-scan kernels at one T vs a device-to-device copy."""
+def kernel_bandwidth(
+    args: argparse.Namespace,
+    log: Callable[[str], None],
+    timer: Callable[[Callable[[], Any], int], float] = _cuda_time,
+    copy_bytes: int = 1 << 30,
+) -> dict[str, Any]:
+    """Achieved bandwidth of the selective-scan kernels at one T vs a device-to-device copy.
+
+    Each kernel's output is also compared with the torch implementation (``max_abs_diff``).
+    ``timer(fn, repeats)`` returns seconds per call (CUDA events by default).
+    """
     from mambalrp.functional import dispatch
+    from mambalrp.functional.selective_scan import selective_scan_fwd_torch, selective_scan_lrp_bwd_torch
 
     kernels = dispatch.triton_kernels()
-    if kernels is None or not args.device.startswith("cuda"):
+    if kernels is None or (timer is _cuda_time and not args.device.startswith("cuda")):
         return {"status": "skipped (needs CUDA and the Triton kernels)"}
     T = parse_length(args.bandwidth_seq)
-    copy_bytes = 1 << 30
     src = torch.empty(copy_bytes // 4, dtype=torch.float32, device=args.device)
     dst = torch.empty_like(src)
-    copy_s = _cuda_time(lambda: dst.copy_(src), 20)
+    copy_s = timer(lambda: dst.copy_(src), 20)
     peak = 2 * copy_bytes / copy_s  # read + write
     del src, dst
     out: dict[str, Any] = {"seq_len": T, "copy_bytes": copy_bytes, "copy_bandwidth_Bps": peak, "kernels": []}
@@ -415,13 +425,26 @@ def kernel_bandwidth(args: argparse.Namespace, log: Callable[[str], None]) -> di
         B, C, D = rand(b, n, T), rand(b, n, T), rand(d)
         # Each kernel reads (b, d, T) twice (x or g, and dt), B and C, A and D; it writes (b, d, T) once.
         moved = 4 * (3 * b * d * T + 2 * b * n * T + d * n + d)
-        for name, fn in (
-            ("selective_scan_lrp_bwd", lambda: kernels.selective_scan_lrp_bwd(g, dt, A, B, C, D)),
-            ("selective_scan_fwd", lambda: kernels.selective_scan_fwd(x, dt, A, B, C, D)),
-        ):
-            seconds = _cuda_time(fn, 10)
+        expected = {
+            "selective_scan_lrp_bwd": selective_scan_lrp_bwd_torch(g, dt, A, B, C, D),
+            "selective_scan_fwd": selective_scan_fwd_torch(x, dt, A, B, C, D),
+        }
+        runs = []
+        for variant in ("chunked", "sequential"):
+            runs.append((
+                "selective_scan_lrp_bwd", variant,
+                lambda v=variant: kernels.selective_scan_lrp_bwd(g, dt, A, B, C, D, variant=v),
+            ))
+            runs.append((
+                "selective_scan_fwd", variant,
+                lambda v=variant: kernels.selective_scan_fwd(x, dt, A, B, C, D, variant=v),
+            ))
+        for name, variant, fn in runs:
+            diff = float((fn() - expected[name]).abs().max())
+            seconds = timer(fn, 10)
             entry = {
                 "kernel": name,
+                "variant": variant,
                 "model_shape": model_name,
                 "batch": b,
                 "d_inner": d,
@@ -430,11 +453,12 @@ def kernel_bandwidth(args: argparse.Namespace, log: Callable[[str], None]) -> di
                 "time_s": seconds,
                 "bandwidth_Bps": moved / seconds,
                 "fraction_of_copy": moved / seconds / peak,
+                "max_abs_diff_vs_torch": diff,
             }
             out["kernels"].append(entry)
-            log(f"{name} {model_name} T={T}: {seconds * 1e3:.2f} ms, {moved / seconds / 1e9:.1f} GB/s "
-                f"({100 * entry['fraction_of_copy']:.1f}% of copy {peak / 1e9:.0f} GB/s)")
-        del x, g, dt, A, B, C, D
+            log(f"{name} ({variant}) {model_name} T={T}: {seconds * 1e3:.2f} ms, {moved / seconds / 1e9:.1f} GB/s "
+                f"({100 * entry['fraction_of_copy']:.1f}% of copy {peak / 1e9:.0f} GB/s), max |diff| vs torch {diff:.2e}")
+        del x, g, dt, A, B, C, D, expected
         _free(args.device)
     return out
 
@@ -467,15 +491,15 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             f"## Selective-scan kernel bandwidth at T = {bw['seq_len']}",
             "",
-            f"Device-to-device copy: {bw['copy_bandwidth_Bps'] / 1e9:.0f} GB/s (read + write of {bw['copy_bytes'] / 2**30:.0f} GiB).",
+            f"Device-to-device copy: {bw['copy_bandwidth_Bps'] / 1e9:.0f} GB/s (read + write of {bw['copy_bytes'] / 2**20:.0f} MiB).",
             "",
-            "| kernel | shape | d_inner | time (ms) | GB/s | fraction of copy |",
-            "|---|---|---:|---:|---:|---:|",
+            "| kernel | variant | shape | d_inner | time (ms) | GB/s | fraction of copy | max abs diff vs torch |",
+            "|---|---|---|---:|---:|---:|---:|---:|",
         ]
         for k in bw["kernels"]:
             lines.append(
-                f"| {k['kernel']} | {k['model_shape']} | {k['d_inner']} | {k['time_s'] * 1e3:.2f} | "
-                f"{k['bandwidth_Bps'] / 1e9:.1f} | {k['fraction_of_copy']:.2f} |"
+                f"| {k['kernel']} | {k['variant']} | {k['model_shape']} | {k['d_inner']} | {k['time_s'] * 1e3:.2f} | "
+                f"{k['bandwidth_Bps'] / 1e9:.1f} | {k['fraction_of_copy']:.2f} | {k['max_abs_diff_vs_torch']:.2e} |"
             )
     elif bw:
         lines += ["", f"Kernel bandwidth: {bw.get('status')}"]

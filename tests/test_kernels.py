@@ -103,19 +103,24 @@ def ref_grad(ref, args, g):
 # --------------------------------------------------------------------------------------------
 
 MAMBA1_CASES = [
-    # b, d, T, n, block_d, has_d
-    (2, 5, 37, 3, None, True),
-    (2, 5, 37, 3, 2, False),  # several channel blocks, the last one masked
-    (1, 3, 1, 16, None, True),  # a single step
-    (3, 6, 7, 5, 4, True),
+    # variant, b, d, T, n, block_d, block_t, has_d
+    ("sequential", 2, 5, 37, 3, None, None, True),
+    ("sequential", 2, 5, 37, 3, 2, None, False),  # several channel blocks, the last one masked
+    ("sequential", 1, 3, 1, 16, None, None, True),  # a single step
+    ("sequential", 3, 6, 7, 5, 4, None, True),
+    ("chunked", 2, 5, 37, 3, None, None, True),  # two tiles of 32 steps, the second partial
+    ("chunked", 2, 5, 37, 3, 2, 8, False),  # 5 tiles (the last partial), several channel blocks
+    ("chunked", 1, 3, 1, 16, None, None, True),
+    ("chunked", 3, 6, 16, 5, 4, 4, True),  # tiles that divide T exactly
 ]
 
 
-@pytest.mark.parametrize("b,d,T,n,block_d,has_d", MAMBA1_CASES)
-def test_selective_scan_kernels_match_torch_and_reference(b, d, T, n, block_d, has_d):
+@pytest.mark.parametrize("variant,b,d,T,n,block_d,block_t,has_d", MAMBA1_CASES)
+def test_selective_scan_kernels_match_torch_and_reference(variant, b, d, T, n, block_d, block_t, has_d):
     args, g = mamba1_inputs(b, d, T, n, has_d)
-    y = kernels.selective_scan_fwd(*args, block_d=block_d)
-    dx = kernels.selective_scan_lrp_bwd(g, *args[1:], block_d=block_d)
+    opts = {"variant": variant, "block_d": block_d, "block_t": block_t}
+    y = kernels.selective_scan_fwd(*args, **opts)
+    dx = kernels.selective_scan_lrp_bwd(g, *args[1:], **opts)
     assert y.shape == dx.shape == (b, d, T) and y.dtype == dx.dtype == torch.float32
     torch.testing.assert_close(y, selective_scan_fwd_torch(*args), **TOL)
     torch.testing.assert_close(dx, selective_scan_lrp_bwd_torch(g, *args[1:]), **TOL)
@@ -124,7 +129,8 @@ def test_selective_scan_kernels_match_torch_and_reference(b, d, T, n, block_d, h
     torch.testing.assert_close(dx, dx_ref, **TOL)
 
 
-def test_selective_scan_kernels_accept_strided_inputs():
+@pytest.mark.parametrize("variant", ["chunked", "sequential"])
+def test_selective_scan_kernels_accept_strided_inputs(variant):
     # Time-major storage viewed as (b, d, T), and a transposed A: the kernels read by strides.
     b, d, T, n = 2, 3, 9, 4
     (x, dt, A, B, C, D), g = mamba1_inputs(b, d, T, n)
@@ -138,9 +144,11 @@ def test_selective_scan_kernels_accept_strided_inputs():
     ]
     assert not strided[0].is_contiguous() and not strided[2].is_contiguous()
     g_strided = g.transpose(1, 2).contiguous().transpose(1, 2)
-    torch.testing.assert_close(kernels.selective_scan_fwd(*strided), selective_scan_fwd_torch(x, dt, A, B, C, D), **TOL)
     torch.testing.assert_close(
-        kernels.selective_scan_lrp_bwd(g_strided, *strided[1:]),
+        kernels.selective_scan_fwd(*strided, variant=variant), selective_scan_fwd_torch(x, dt, A, B, C, D), **TOL
+    )
+    torch.testing.assert_close(
+        kernels.selective_scan_lrp_bwd(g_strided, *strided[1:], variant=variant),
         selective_scan_lrp_bwd_torch(g, dt, A, B, C, D),
         **TOL,
     )
@@ -202,6 +210,10 @@ def test_selective_scan_kernels_reject_bad_shapes():
         kernels.selective_scan_lrp_bwd(x, dt, A[:2], B, C, D)
     with pytest.raises(ValueError):
         kernels.selective_scan_fwd(x, dt, A, B, C, D, block_d=3)
+    with pytest.raises(ValueError):
+        kernels.selective_scan_lrp_bwd(x, dt, A, B, C, D, block_t=6)
+    with pytest.raises(ValueError):
+        kernels.selective_scan_fwd(x, dt, A, B, C, D, variant="unrolled")
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,12 +348,16 @@ COMPILE_SCRIPT = textwrap.dedent(
         compiled = compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32))
         assert compiled.asm["cubin"], kernel.fn.__name__
 
-    # Block sizes as the wrappers choose them for mamba-130m / mamba2-130m layers.
-    block_d, block_n = selective_scan._blocks(1536, 16, None)
+    # Block sizes as the wrappers choose them for mamba-130m / mamba2-130m layers at T = 4096.
+    block_d, _, block_n = selective_scan._blocks(1536, 16, 4096, "sequential", None, None)
+    chunk_d, chunk_t, _ = selective_scan._blocks(1536, 16, 4096, "chunked", None, None)
+    chunked = dict(BLOCK_D=chunk_d, BLOCK_T=chunk_t, BLOCK_N=block_n)
     block_p, block_ns = ssd._blocks(64, 128, None)
     cases = [
         (selective_scan._selective_scan_fwd_kernel, dict(HAS_D=True, BLOCK_D=block_d, BLOCK_N=block_n), "bf16", 90),
         (selective_scan._selective_scan_lrp_bwd_kernel, dict(HAS_D=False, BLOCK_D=block_d, BLOCK_N=block_n), "fp32", 80),
+        (selective_scan._selective_scan_fwd_chunked_kernel, dict(HAS_D=False, **chunked), "fp32", 80),
+        (selective_scan._selective_scan_lrp_bwd_chunked_kernel, dict(HAS_D=True, **chunked), "bf16", 90),
         (ssd._ssd_scan_fwd_kernel, dict(HAS_D=False, BLOCK_P=block_p, BLOCK_N=block_ns), "fp32", 80),
         (ssd._ssd_scan_lrp_bwd_kernel, dict(HAS_D=True, BLOCK_P=block_p, BLOCK_N=block_ns), "bf16", 90),
     ]
