@@ -1,9 +1,9 @@
 """Triton kernels for the Mamba-2 SSD scan (scalar decay per head) and its MambaLRP adjoint scan.
 
-One program per ``(batch, head, block of BLOCK_P head channels)`` walks the sequence step by step
-with the ``(BLOCK_P, d_state)`` state in registers; the decay ``exp(dt_t * A_h)`` is computed in
-the kernel. Head ``i`` reads ``B`` and ``C`` of group ``i // (heads // groups)`` directly, so the
-groups are never expanded to heads in memory.
+One program per ``(batch, head, block of BLOCK_P head channels)`` carries the
+``(BLOCK_P, d_state)`` state in registers along the sequence; the decays ``exp(dt_t * A_h)`` are
+computed in the kernel. Head ``i`` reads ``B`` and ``C`` of group ``i // (heads // groups)``
+directly, so the groups are never expanded to heads in memory.
 
 Forward::
 
@@ -12,6 +12,17 @@ Forward::
 Adjoint scan of the SSM rule (``dt``, decays, ``B``, ``C`` held constant)::
 
     S_t = exp(dt_{t+1} * A_h) * S_{t+1} + g_t outer C_t          dx_t = dt_t * S_t B_t + D_h * g_t
+
+Two variants compute the same thing:
+
+* ``"chunked"`` (default): the SSD block form. Per chunk of ``BLOCK_T`` steps, with ``la`` the
+  cumulative log decay inside the chunk, the output is
+  ``y = ((C B^T) * exp(la_l - la_s) [l >= s]) (dt x) + exp(la) C H^T`` and the state moves on as
+  ``H <- exp(la_end) H + (dt x exp(la_end - la))^T B``, all with ``tl.dot`` (full float32
+  precision). The adjoint scan walks the chunks from the end with the transposed products and
+  carries the gradient of the state instead of the state.
+* ``"sequential"``: one step per loop iteration; the adjoint scan carries the decay of the
+  step after the current one along with ``S``.
 
 Inputs of any floating dtype are loaded and cast to float32; accumulation and the output are
 float32. Float64 inputs are routed to the torch implementation, which keeps float64.
@@ -25,8 +36,14 @@ import triton.language as tl
 
 from mambalrp.functional.ssd import ssd_scan_fwd_torch, ssd_scan_lrp_bwd_torch
 
-# Upper bound on BLOCK_P * BLOCK_N, the state elements one program holds in registers.
+VARIANTS = ("chunked", "sequential")
+# Sequential kernels: upper bound on BLOCK_P * BLOCK_N, the state one program holds in registers.
 MAX_STATE_ELEMENTS = 4096
+# Chunked kernels: steps per chunk, block of head channels (16 from d_state 64 on), warps.
+# At these sizes ptxas (sm_90) reports no register spills for head_dim 64, d_state 16 to 128.
+DEFAULT_BLOCK_T = 16
+DEFAULT_CHUNK_BLOCK_P = 32
+CHUNK_NUM_WARPS = 8
 
 
 @triton.jit
@@ -128,6 +145,134 @@ def _ssd_scan_lrp_bwd_kernel(
         decay_next = tl.exp(dt_t * a_h)
 
 
+@triton.jit
+def _ssd_scan_fwd_chunked_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr,
+    T, p, n, heads_per_group,
+    s_xb, s_xt, s_xh, s_xp,
+    s_dtb, s_dtt, s_dth,
+    s_ah,
+    s_bb, s_bt, s_bg, s_bn,
+    s_cb, s_ct, s_cg, s_cn,
+    s_dh, s_dp,
+    s_yb, s_yt, s_yh, s_yp,
+    HAS_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_h = tl.program_id(1).to(tl.int64)
+    pid_p = tl.program_id(2)
+    group = pid_h // heads_per_group
+    offs_j = tl.arange(0, BLOCK_T)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_p = offs_p < p
+    mask_n = offs_n < n
+    causal = offs_j[:, None] >= offs_j[None, :]
+
+    a_h = tl.load(A_ptr + pid_h * s_ah).to(tl.float32)
+    if HAS_D:
+        skip = tl.load(D_ptr + pid_h * s_dh + offs_p * s_dp, mask=mask_p, other=0.0).to(tl.float32)
+
+    x_cols = x_ptr + pid_b * s_xb + pid_h * s_xh + offs_p[None, :] * s_xp
+    dt_base = dt_ptr + pid_b * s_dtb + pid_h * s_dth
+    b_cols = B_ptr + pid_b * s_bb + group * s_bg + offs_n[None, :] * s_bn
+    c_cols = C_ptr + pid_b * s_cb + group * s_cg + offs_n[None, :] * s_cn
+    y_cols = y_ptr + pid_b * s_yb + pid_h * s_yh + offs_p[None, :] * s_yp
+
+    state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + offs_j
+        mask_t = offs_t < T
+        mask_tp = mask_t[:, None] & mask_p[None, :]
+        mask_tn = mask_t[:, None] & mask_n[None, :]
+        x = tl.load(x_cols + offs_t[:, None] * s_xt, mask=mask_tp, other=0.0).to(tl.float32)
+        dt = tl.load(dt_base + offs_t * s_dtt, mask=mask_t, other=0.0).to(tl.float32)
+        b = tl.load(b_cols + offs_t[:, None] * s_bt, mask=mask_tn, other=0.0).to(tl.float32)
+        c = tl.load(c_cols + offs_t[:, None] * s_ct, mask=mask_tn, other=0.0).to(tl.float32)
+        # Log decay from the chunk start through step j; steps past T have dt = 0 (decay 1).
+        la = tl.cumsum(dt * a_h, axis=0)
+        la_end = tl.sum(dt * a_h, axis=0)
+        seg = tl.exp(tl.where(causal, la[:, None] - la[None, :], float("-inf")))
+        xd = x * dt[:, None]
+        scores = tl.dot(c, tl.trans(b), input_precision="ieee") * seg
+        y = tl.dot(scores, xd, input_precision="ieee")
+        y += tl.exp(la)[:, None] * tl.dot(c, tl.trans(state), input_precision="ieee")
+        if HAS_D:
+            y += skip[None, :] * x
+        tl.store(y_cols + offs_t[:, None] * s_yt, y, mask=mask_tp)
+        to_end = tl.exp(la_end - la)
+        state = tl.exp(la_end) * state + tl.dot(tl.trans(xd * to_end[:, None]), b, input_precision="ieee")
+
+
+@triton.jit
+def _ssd_scan_lrp_bwd_chunked_kernel(
+    g_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dx_ptr,
+    T, p, n, heads_per_group,
+    s_gb, s_gt, s_gh, s_gp,
+    s_dtb, s_dtt, s_dth,
+    s_ah,
+    s_bb, s_bt, s_bg, s_bn,
+    s_cb, s_ct, s_cg, s_cn,
+    s_dh, s_dp,
+    s_xb, s_xt, s_xh, s_xp,
+    HAS_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_h = tl.program_id(1).to(tl.int64)
+    pid_p = tl.program_id(2)
+    group = pid_h // heads_per_group
+    offs_j = tl.arange(0, BLOCK_T)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_p = offs_p < p
+    mask_n = offs_n < n
+    causal = offs_j[:, None] >= offs_j[None, :]
+
+    a_h = tl.load(A_ptr + pid_h * s_ah).to(tl.float32)
+    if HAS_D:
+        skip = tl.load(D_ptr + pid_h * s_dh + offs_p * s_dp, mask=mask_p, other=0.0).to(tl.float32)
+
+    g_cols = g_ptr + pid_b * s_gb + pid_h * s_gh + offs_p[None, :] * s_gp
+    dt_base = dt_ptr + pid_b * s_dtb + pid_h * s_dth
+    b_cols = B_ptr + pid_b * s_bb + group * s_bg + offs_n[None, :] * s_bn
+    c_cols = C_ptr + pid_b * s_cb + group * s_cg + offs_n[None, :] * s_cn
+    dx_cols = dx_ptr + pid_b * s_xb + pid_h * s_xh + offs_p[None, :] * s_xp
+
+    # Gradient of the state at the end of the current chunk, from the chunks after it.
+    grad_state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    last = (T - 1) // BLOCK_T * BLOCK_T
+    for i in range(0, T, BLOCK_T):
+        offs_t = (last - i) + offs_j
+        mask_t = offs_t < T
+        mask_tp = mask_t[:, None] & mask_p[None, :]
+        mask_tn = mask_t[:, None] & mask_n[None, :]
+        g = tl.load(g_cols + offs_t[:, None] * s_gt, mask=mask_tp, other=0.0).to(tl.float32)
+        dt = tl.load(dt_base + offs_t * s_dtt, mask=mask_t, other=0.0).to(tl.float32)
+        b = tl.load(b_cols + offs_t[:, None] * s_bt, mask=mask_tn, other=0.0).to(tl.float32)
+        c = tl.load(c_cols + offs_t[:, None] * s_ct, mask=mask_tn, other=0.0).to(tl.float32)
+        la = tl.cumsum(dt * a_h, axis=0)
+        la_end = tl.sum(dt * a_h, axis=0)
+        seg = tl.exp(tl.where(causal, la[:, None] - la[None, :], float("-inf")))
+        scores = tl.dot(c, tl.trans(b), input_precision="ieee") * seg  # (l, s)
+        # d y_l / d (dt_s x_s) inside the chunk, then through the state carried past its end.
+        gxd = tl.dot(tl.trans(scores), g, input_precision="ieee")
+        to_end = tl.exp(la_end - la)
+        gxd += to_end[:, None] * tl.dot(b, tl.trans(grad_state), input_precision="ieee")
+        dx = gxd * dt[:, None]
+        if HAS_D:
+            dx += skip[None, :] * g
+        tl.store(dx_cols + offs_t[:, None] * s_xt, dx, mask=mask_tp)
+        grad_state = tl.exp(la_end) * grad_state + tl.dot(
+            tl.trans(g), c * tl.exp(la)[:, None], input_precision="ieee"
+        )
+
+
 def _check(x, dt, A, B, C, D) -> None:
     if x.dim() != 4:
         raise ValueError(f"x must be (batch, T, heads, head_dim); got {tuple(x.shape)}")
@@ -144,13 +289,36 @@ def _check(x, dt, A, B, C, D) -> None:
         raise ValueError(f"D must be (heads,) or (heads, head_dim); got {tuple(D.shape)}")
 
 
-def _blocks(p: int, n: int, block_p: int | None) -> tuple[int, int]:
+def _power_of_two(value: int, name: str) -> int:
+    if value < 1 or value & (value - 1):
+        raise ValueError(f"{name} must be a positive power of two; got {value}")
+    return value
+
+
+def _blocks(
+    p: int, n: int, variant: str = "sequential", block_p: int | None = None, block_t: int | None = None
+) -> tuple[int, int, int]:
+    """``(BLOCK_P, BLOCK_T, BLOCK_N)`` for a launch; ``BLOCK_T`` is 1 for the sequential kernels.
+
+    ``tl.dot`` needs every dimension of the chunked kernels to be at least 16.
+    """
     block_n = triton.next_power_of_2(max(1, n))
+    if variant == "sequential":
+        if block_t not in (None, 1):
+            raise ValueError("block_t applies to the chunked kernels only")
+        block_t = 1
+        if block_p is None:
+            block_p = min(triton.next_power_of_2(max(1, p)), max(1, MAX_STATE_ELEMENTS // block_n))
+        return _power_of_two(block_p, "block_p"), block_t, block_n
+    block_n = max(16, block_n)
+    block_t = _power_of_two(DEFAULT_BLOCK_T if block_t is None else block_t, "block_t")
     if block_p is None:
-        block_p = min(triton.next_power_of_2(max(1, p)), max(1, MAX_STATE_ELEMENTS // block_n))
-    elif block_p < 1 or block_p & (block_p - 1):
-        raise ValueError(f"block_p must be a positive power of two; got {block_p}")
-    return block_p, block_n
+        widest = DEFAULT_CHUNK_BLOCK_P if block_n < 64 else 16
+        block_p = min(max(16, triton.next_power_of_2(max(1, p))), widest)
+    block_p = _power_of_two(block_p, "block_p")
+    if min(block_t, block_p) < 16:
+        raise ValueError(f"the chunked SSD kernels need block_t and block_p >= 16; got {block_t} and {block_p}")
+    return block_p, block_t, block_n
 
 
 def _is_float64(*tensors: torch.Tensor | None) -> bool:
@@ -161,14 +329,24 @@ def _float64(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     return [None if t is None else t.to(torch.float64) for t in tensors]
 
 
-def _launch(kernel, v, dt, A, B, C, D, block_p: int | None) -> torch.Tensor:
+_KERNELS = {
+    ("fwd", "sequential"): _ssd_scan_fwd_kernel,
+    ("fwd", "chunked"): _ssd_scan_fwd_chunked_kernel,
+    ("bwd", "sequential"): _ssd_scan_lrp_bwd_kernel,
+    ("bwd", "chunked"): _ssd_scan_lrp_bwd_chunked_kernel,
+}
+
+
+def _launch(direction: str, v, dt, A, B, C, D, variant: str, block_p: int | None, block_t: int | None) -> torch.Tensor:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
     _check(v, dt, A, B, C, D)
     b, T, h, p = v.shape
     n = B.shape[-1]
     out = torch.empty((b, T, h, p), dtype=torch.float32, device=v.device)
     if out.numel() == 0:
         return out
-    block_p, block_n = _blocks(p, n, block_p)
+    block_p, block_t, block_n = _blocks(p, n, variant, block_p, block_t)
     if D is None:
         d_arg, d_strides = A, (0, 0)  # never read when HAS_D is False
     elif D.dim() == 1:
@@ -176,7 +354,8 @@ def _launch(kernel, v, dt, A, B, C, D, block_p: int | None) -> torch.Tensor:
     else:
         d_arg, d_strides = D, tuple(D.stride())
     grid = (b, h, triton.cdiv(p, block_p))
-    kernel[grid](
+    extra = {} if variant == "sequential" else {"BLOCK_T": block_t, "num_warps": CHUNK_NUM_WARPS}
+    _KERNELS[direction, variant][grid](
         v, dt, A, B, C, d_arg, out,
         T, p, n, h // B.shape[2],
         *v.stride(),
@@ -189,6 +368,7 @@ def _launch(kernel, v, dt, A, B, C, D, block_p: int | None) -> torch.Tensor:
         HAS_D=D is not None,
         BLOCK_P=block_p,
         BLOCK_N=block_n,
+        **extra,
     )
     return out
 
@@ -201,9 +381,11 @@ def ssd_scan_fwd(
     C: torch.Tensor,
     D: torch.Tensor | None,
     *,
+    variant: str = "chunked",
     block_p: int | None = None,
+    block_t: int | None = None,
 ) -> torch.Tensor:
-    """SSD scan forward, sequential over time with the state in registers.
+    """SSD scan forward.
 
     Args:
         x: SSM input ``(b, T, h, p)``.
@@ -212,14 +394,17 @@ def ssd_scan_fwd(
         B: Input matrix ``(b, T, g, n)``, ``h`` a multiple of ``g``.
         C: Output matrix ``(b, T, g, n)``.
         D: Skip ``(h,)``, ``(h, p)`` or ``None``.
-        block_p: Head channels per program (a power of two); chosen from ``p`` and ``n`` if ``None``.
+        variant: ``"chunked"`` (the SSD block form with ``tl.dot`` over chunks of ``block_t``
+            steps) or ``"sequential"`` (one step per loop iteration).
+        block_p: Head channels per program (a power of two); chosen from the shapes if ``None``.
+        block_t: Steps per chunk of the chunked kernel (a power of two, at least 16).
 
     Returns:
         ``y`` ``(b, T, h, p)`` in float32 (float64 if any input is float64, via the torch path).
     """
     if _is_float64(x, dt, A, B, C, D):
         return ssd_scan_fwd_torch(*_float64(x, dt, A, B, C, D))
-    return _launch(_ssd_scan_fwd_kernel, x, dt, A, B, C, D, block_p)
+    return _launch("fwd", x, dt, A, B, C, D, variant, block_p, block_t)
 
 
 def ssd_scan_lrp_bwd(
@@ -230,7 +415,9 @@ def ssd_scan_lrp_bwd(
     C: torch.Tensor,
     D: torch.Tensor | None,
     *,
+    variant: str = "chunked",
     block_p: int | None = None,
+    block_t: int | None = None,
 ) -> torch.Tensor:
     """Adjoint scan of the MambaLRP SSM rule for SSD; needs no forward states.
 
@@ -241,11 +428,13 @@ def ssd_scan_lrp_bwd(
         B: Input matrix ``(b, T, g, n)``.
         C: Output matrix ``(b, T, g, n)``.
         D: Skip ``(h,)``, ``(h, p)`` or ``None``.
-        block_p: Head channels per program (a power of two); chosen from ``p`` and ``n`` if ``None``.
+        variant: ``"chunked"`` or ``"sequential"`` (see :func:`ssd_scan_fwd`).
+        block_p: Head channels per program (a power of two); chosen from the shapes if ``None``.
+        block_t: Steps per chunk of the chunked kernel (a power of two, at least 16).
 
     Returns:
         ``dx`` ``(b, T, h, p)`` in float32 (float64 if any input is float64, via the torch path).
     """
     if _is_float64(g, dt, A, B, C, D):
         return ssd_scan_lrp_bwd_torch(*_float64(g, dt, A, B, C, D))
-    return _launch(_ssd_scan_lrp_bwd_kernel, g, dt, A, B, C, D, block_p)
+    return _launch("bwd", g, dt, A, B, C, D, variant, block_p, block_t)

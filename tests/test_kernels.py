@@ -221,19 +221,22 @@ def test_selective_scan_kernels_reject_bad_shapes():
 # --------------------------------------------------------------------------------------------
 
 SSD_CASES = [
-    # b, T, h, p, groups, n, D, block_p
-    (2, 37, 4, 3, 2, 5, "h", None),
-    (2, 7, 3, 5, 1, 6, "hp", 2),  # several channel blocks, the last one masked
-    (1, 1, 2, 3, 2, 4, "none", None),  # a single step, one group per head
-    (2, 7, 2, 3, 1, 3, "none", None),
+    # variant, b, T, h, p, groups, n, D, block_p
+    ("sequential", 2, 37, 4, 3, 2, 5, "h", None),
+    ("sequential", 2, 7, 3, 5, 1, 6, "hp", 2),  # several channel blocks, the last one masked
+    ("sequential", 1, 1, 2, 3, 2, 4, "none", None),  # a single step, one group per head
+    ("sequential", 2, 7, 2, 3, 1, 3, "none", None),
+    ("chunked", 2, 37, 4, 3, 2, 5, "h", None),  # chunks of 16: the last one partial
+    ("chunked", 1, 32, 2, 20, 1, 17, "hp", 16),  # chunks dividing T, 2 channel blocks, n padded to 32
+    ("chunked", 1, 1, 2, 3, 2, 4, "none", None),
 ]
 
 
-@pytest.mark.parametrize("b,T,h,p,groups,n,d_shape,block_p", SSD_CASES)
-def test_ssd_kernels_match_torch_and_reference(b, T, h, p, groups, n, d_shape, block_p):
+@pytest.mark.parametrize("variant,b,T,h,p,groups,n,d_shape,block_p", SSD_CASES)
+def test_ssd_kernels_match_torch_and_reference(variant, b, T, h, p, groups, n, d_shape, block_p):
     args, g = ssd_inputs(b, T, h, p, groups, n, d_shape)
-    y = kernels.ssd_scan_fwd(*args, block_p=block_p)
-    dx = kernels.ssd_scan_lrp_bwd(g, *args[1:], block_p=block_p)
+    y = kernels.ssd_scan_fwd(*args, variant=variant, block_p=block_p)
+    dx = kernels.ssd_scan_lrp_bwd(g, *args[1:], variant=variant, block_p=block_p)
     assert y.shape == dx.shape == (b, T, h, p) and y.dtype == dx.dtype == torch.float32
     torch.testing.assert_close(y, ssd_scan_fwd_torch(*args), **TOL)
     torch.testing.assert_close(dx, ssd_scan_lrp_bwd_torch(g, *args[1:]), **TOL)
@@ -242,7 +245,8 @@ def test_ssd_kernels_match_torch_and_reference(b, T, h, p, groups, n, d_shape, b
     torch.testing.assert_close(dx, dx_ref, **TOL)
 
 
-def test_ssd_kernels_accept_strided_inputs():
+@pytest.mark.parametrize("variant", ["chunked", "sequential"])
+def test_ssd_kernels_accept_strided_inputs(variant):
     # x and g as views of a (b, T, h, 2p) buffer; B and C as views of one packed (b, T, g, 2n).
     b, T, h, p, groups, n = 1, 6, 2, 3, 1, 4
     (x, dt, A, B, C, D), g = ssd_inputs(b, T, h, p, groups, n)
@@ -253,9 +257,11 @@ def test_ssd_kernels_accept_strided_inputs():
     bc = torch.cat([B, C], dim=-1)
     strided = (xbuf[..., :p], dt, A, bc[..., :n], bc[..., n:], D)
     assert not strided[0].is_contiguous() and not strided[3].is_contiguous()
-    torch.testing.assert_close(kernels.ssd_scan_fwd(*strided), ssd_scan_fwd_torch(x, dt, A, B, C, D), **TOL)
     torch.testing.assert_close(
-        kernels.ssd_scan_lrp_bwd(gbuf[..., p:], *strided[1:]),
+        kernels.ssd_scan_fwd(*strided, variant=variant), ssd_scan_fwd_torch(x, dt, A, B, C, D), **TOL
+    )
+    torch.testing.assert_close(
+        kernels.ssd_scan_lrp_bwd(gbuf[..., p:], *strided[1:], variant=variant),
         ssd_scan_lrp_bwd_torch(g, dt, A, B, C, D),
         **TOL,
     )
@@ -309,7 +315,11 @@ def test_ssd_kernels_reject_bad_shapes():
     with pytest.raises(ValueError):
         kernels.ssd_scan_lrp_bwd(x, dt[:, :2], A, B, C, D)
     with pytest.raises(ValueError):
-        kernels.ssd_scan_fwd(x, dt, A, B, C, D, block_p=6)
+        kernels.ssd_scan_fwd(x, dt, A, B, C, D, variant="sequential", block_p=6)
+    with pytest.raises(ValueError):
+        kernels.ssd_scan_lrp_bwd(x, dt, A, B, C, D, block_t=8)  # tl.dot needs 16
+    with pytest.raises(ValueError):
+        kernels.ssd_scan_fwd(x, dt, A, B, C, D, variant="unrolled")
 
 
 def test_auto_backend_routes_by_device():
@@ -339,20 +349,23 @@ COMPILE_SCRIPT = textwrap.dedent(
         sys.exit(3)
     from mambalrp.kernels import selective_scan, ssd
 
-    def build(kernel, constexprs, x_type, arch):
+    def build(kernel, constexprs, x_type, arch, num_warps=4):
         signature = {
             a: "constexpr" if a in constexprs else (("*" + x_type) if a in ("x_ptr", "g_ptr") else "*fp32")
             if a.endswith("_ptr") else "i32"
             for a in kernel.arg_names
         }
-        compiled = compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32))
+        source = ASTSource(kernel, signature, constexprs=constexprs)
+        compiled = compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
         assert compiled.asm["cubin"], kernel.fn.__name__
 
     # Block sizes as the wrappers choose them for mamba-130m / mamba2-130m layers at T = 4096.
     block_d, _, block_n = selective_scan._blocks(1536, 16, 4096, "sequential", None, None)
     chunk_d, chunk_t, _ = selective_scan._blocks(1536, 16, 4096, "chunked", None, None)
     chunked = dict(BLOCK_D=chunk_d, BLOCK_T=chunk_t, BLOCK_N=block_n)
-    block_p, block_ns = ssd._blocks(64, 128, None)
+    block_p, _, block_ns = ssd._blocks(64, 128, "sequential")
+    ssd_p, ssd_t, ssd_n = ssd._blocks(64, 128, "chunked")
+    ssd_chunked = dict(BLOCK_P=ssd_p, BLOCK_T=ssd_t, BLOCK_N=ssd_n)
     cases = [
         (selective_scan._selective_scan_fwd_kernel, dict(HAS_D=True, BLOCK_D=block_d, BLOCK_N=block_n), "bf16", 90),
         (selective_scan._selective_scan_lrp_bwd_kernel, dict(HAS_D=False, BLOCK_D=block_d, BLOCK_N=block_n), "fp32", 80),
@@ -363,7 +376,9 @@ COMPILE_SCRIPT = textwrap.dedent(
     ]
     for kernel, constexprs, x_type, arch in cases:
         build(kernel, constexprs, x_type, arch)
-    print("compiled", len(cases))
+    build(ssd._ssd_scan_fwd_chunked_kernel, dict(HAS_D=True, **ssd_chunked), "bf16", 90, ssd.CHUNK_NUM_WARPS)
+    build(ssd._ssd_scan_lrp_bwd_chunked_kernel, dict(HAS_D=False, **ssd_chunked), "fp32", 80, ssd.CHUNK_NUM_WARPS)
+    print("compiled", len(cases) + 2)
     """
 )
 
