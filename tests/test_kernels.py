@@ -5,7 +5,6 @@ set here before the kernels are defined); shapes are kept small because the inte
 With CUDA the same tests run on the GPU, plus the ``gpu``-marked ones on larger shapes.
 """
 
-import importlib
 import os
 import subprocess
 import sys
@@ -15,10 +14,17 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
+    # Triton reads TRITON_INTERPRET when its own library functions are defined, at import time.
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip(
+            "triton was imported before TRITON_INTERPRET=1 was set; run: TRITON_INTERPRET=1 python -m pytest ...",
+            allow_module_level=True,
+        )
     os.environ["TRITON_INTERPRET"] = "1"
 
 pytest.importorskip("triton")
 
+from mambalrp import kernels  # noqa: E402
 from mambalrp.functional import dispatch  # noqa: E402
 from mambalrp.functional.selective_scan import (  # noqa: E402
     SelectiveScanLRPFn,
@@ -33,22 +39,6 @@ from mambalrp.functional.ssd import (  # noqa: E402
     ssd_scan_ref,
 )
 
-
-def _load_kernels():
-    """Import the kernels; redefine them if they were imported before the interpreter was set."""
-    kernels = importlib.import_module("mambalrp.kernels")
-    if os.environ.get("TRITON_INTERPRET") == "1" and kernels.AVAILABLE:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        jitted = sys.modules["mambalrp.kernels.selective_scan"]._selective_scan_fwd_kernel
-        if not isinstance(jitted, InterpretedFunction):
-            for name in ("mambalrp.kernels.selective_scan", "mambalrp.kernels.ssd"):
-                importlib.reload(sys.modules[name])
-            kernels = importlib.reload(kernels)
-    return kernels
-
-
-kernels = _load_kernels()
 if not kernels.AVAILABLE:
     pytest.skip("mambalrp.kernels reports no Triton kernels", allow_module_level=True)
 
@@ -322,6 +312,64 @@ def test_ssd_kernels_reject_bad_shapes():
         kernels.ssd_scan_fwd(x, dt, A, B, C, D, variant="unrolled")
 
 
+def _explain_or_skip():
+    import mambalrp
+
+    if not hasattr(mambalrp, "explain"):
+        pytest.skip("mambalrp.explain is not available")
+    return mambalrp.explain
+
+
+def _relevance_per_backend(model, ids, op, monkeypatch):
+    """Explanations with the torch and the Triton backend; checks that the kernels ran once per layer."""
+    explain = _explain_or_skip()
+    calls = []
+    for name in (op + "_fwd", op + "_lrp_bwd"):
+        original = getattr(kernels, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, name, counted)
+    out = {}
+    for backend in ("torch", "triton"):
+        with dispatch.use_backend(backend):
+            out[backend] = explain(model, ids)
+    layers = model.config.num_hidden_layers
+    assert sorted(calls) == sorted([op + "_fwd"] * layers + [op + "_lrp_bwd"] * layers)
+    return out["torch"], out["triton"]
+
+
+def test_explain_mamba_with_triton_backend_matches_torch(monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MambaConfig(
+        vocab_size=40, hidden_size=8, num_hidden_layers=2, state_size=5, conv_kernel=3, use_cache=False
+    )
+    torch.manual_seed(0)
+    model = transformers.MambaForCausalLM(config).to(DEVICE).eval()
+    ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    ref, tri = _relevance_per_backend(model, ids, "selective_scan", monkeypatch)
+    torch.testing.assert_close(tri.logit, ref.logit, **TOL)
+    torch.testing.assert_close(tri.relevance, ref.relevance, **TOL)
+    assert float(ref.relevance.abs().max()) > 0
+
+
+def test_explain_mamba2_with_triton_backend_matches_torch(monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Mamba2Config(
+        vocab_size=40, hidden_size=8, num_hidden_layers=2, state_size=5, expand=2, num_heads=4, head_dim=4,
+        n_groups=2, conv_kernel=3, chunk_size=8, use_cache=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.Mamba2ForCausalLM(config).to(DEVICE).eval()
+    ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    ref, tri = _relevance_per_backend(model, ids, "ssd_scan", monkeypatch)
+    torch.testing.assert_close(tri.logit, ref.logit, **TOL)
+    torch.testing.assert_close(tri.relevance, ref.relevance, **TOL)
+    assert float(ref.relevance.abs().max()) > 0
+
+
 def test_auto_backend_routes_by_device():
     x_cpu = torch.zeros(1, 1, 1)
     with dispatch.use_backend("auto"):
@@ -406,16 +454,19 @@ def test_kernels_compile_for_gpu_targets():
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("variant", ["chunked", "sequential"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_selective_scan_kernels_gpu_sizes(dtype):
+def test_selective_scan_kernels_gpu_sizes(dtype, variant):
     # mamba-130m: d_inner 1536, d_state 16; a T that is not a multiple of any block size.
     args, g = mamba1_inputs(2, 1536, 1000, 16, seed=4, device="cuda")
     args = [t.to(dtype) for t in args]
     g = g.to(dtype)
     up = [t.float() for t in args]
-    torch.testing.assert_close(kernels.selective_scan_fwd(*args), selective_scan_fwd_torch(*up), rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(
-        kernels.selective_scan_lrp_bwd(g, *args[1:]),
+        kernels.selective_scan_fwd(*args, variant=variant), selective_scan_fwd_torch(*up), rtol=1e-4, atol=1e-3
+    )
+    torch.testing.assert_close(
+        kernels.selective_scan_lrp_bwd(g, *args[1:], variant=variant),
         selective_scan_lrp_bwd_torch(g.float(), *up[1:]),
         rtol=1e-4,
         atol=1e-3,
@@ -424,16 +475,19 @@ def test_selective_scan_kernels_gpu_sizes(dtype):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("variant", ["chunked", "sequential"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_ssd_kernels_gpu_sizes(dtype):
+def test_ssd_kernels_gpu_sizes(dtype, variant):
     # mamba2-130m-like: 24 heads of 64 channels, one group, d_state 128.
     args, g = ssd_inputs(2, 1000, 24, 64, 1, 128, "h", seed=5, device="cuda")
     args = [t.to(dtype) for t in args]
     g = g.to(dtype)
     up = [t.float() for t in args]
-    torch.testing.assert_close(kernels.ssd_scan_fwd(*args), ssd_scan_fwd_torch(*up), rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(
-        kernels.ssd_scan_lrp_bwd(g, *args[1:]),
+        kernels.ssd_scan_fwd(*args, variant=variant), ssd_scan_fwd_torch(*up), rtol=1e-4, atol=1e-3
+    )
+    torch.testing.assert_close(
+        kernels.ssd_scan_lrp_bwd(g, *args[1:], variant=variant),
         ssd_scan_lrp_bwd_torch(g.float(), *up[1:]),
         rtol=1e-4,
         atol=1e-3,
