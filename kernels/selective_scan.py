@@ -39,8 +39,11 @@ from mambalrp.functional.selective_scan import selective_scan_fwd_torch, selecti
 
 VARIANTS = ("chunked", "sequential")
 # Sequential kernels: upper bound on BLOCK_D * BLOCK_N, the state one program holds in registers.
-MAX_STATE_ELEMENTS = 2048
-# Chunked kernels: upper bound on BLOCK_D * BLOCK_T * BLOCK_N, the size of one scanned tile.
+# Small, so that batch 1 still gives many programs (96 for d_inner 1536, d_state 16); each step
+# costs a full load latency, so more programs in flight is what makes these kernels faster.
+MAX_STATE_ELEMENTS = 256
+# Chunked kernels: upper bound on BLOCK_D * BLOCK_T * BLOCK_N, the size of one scanned tile
+# (4 x 32 x 16 for d_state 16: 384 programs for d_inner 1536, no register spills on sm_90).
 MAX_CHUNK_ELEMENTS = 2048
 DEFAULT_BLOCK_T = 32
 
@@ -65,6 +68,7 @@ def _selective_scan_fwd_kernel(
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < d
+    rows = offs_d.to(tl.int64)  # d * T can exceed 2**31
     mask_n = offs_n < n
 
     # Padded states get A = 0 and B = 0, so they stay exactly zero.
@@ -76,11 +80,11 @@ def _selective_scan_fwd_kernel(
     if HAS_D:
         skip = tl.load(D_ptr + offs_d * s_dd, mask=mask_d, other=0.0).to(tl.float32)
 
-    x_ptrs = x_ptr + pid_b * s_xb + offs_d * s_xd
-    dt_ptrs = dt_ptr + pid_b * s_dtb + offs_d * s_dtd
+    x_ptrs = x_ptr + pid_b * s_xb + rows * s_xd
+    dt_ptrs = dt_ptr + pid_b * s_dtb + rows * s_dtd
     b_ptrs = B_ptr + pid_b * s_bb + offs_n * s_bn
     c_ptrs = C_ptr + pid_b * s_cb + offs_n * s_cn
-    y_ptrs = y_ptr + pid_b * s_yb + offs_d * s_yd
+    y_ptrs = y_ptr + pid_b * s_yb + rows * s_yd
 
     h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     for t in range(T):
@@ -116,6 +120,7 @@ def _selective_scan_lrp_bwd_kernel(
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < d
+    rows = offs_d.to(tl.int64)  # d * T can exceed 2**31
     mask_n = offs_n < n
 
     A = tl.load(
@@ -126,11 +131,11 @@ def _selective_scan_lrp_bwd_kernel(
     if HAS_D:
         skip = tl.load(D_ptr + offs_d * s_dd, mask=mask_d, other=0.0).to(tl.float32)
 
-    g_ptrs = g_ptr + pid_b * s_gb + offs_d * s_gd
-    dt_ptrs = dt_ptr + pid_b * s_dtb + offs_d * s_dtd
+    g_ptrs = g_ptr + pid_b * s_gb + rows * s_gd
+    dt_ptrs = dt_ptr + pid_b * s_dtb + rows * s_dtd
     b_ptrs = B_ptr + pid_b * s_bb + offs_n * s_bn
     c_ptrs = C_ptr + pid_b * s_cb + offs_n * s_cn
-    dx_ptrs = dx_ptr + pid_b * s_xb + offs_d * s_xd
+    dx_ptrs = dx_ptr + pid_b * s_xb + rows * s_xd
 
     s = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     # Decay of the step after the current one; its value at t = T - 1 multiplies s = 0.
@@ -177,6 +182,7 @@ def _selective_scan_fwd_chunked_kernel(
     offs_j = tl.arange(0, BLOCK_T)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < d
+    rows = offs_d.to(tl.int64)  # d * T can exceed 2**31
     mask_n = offs_n < n
 
     A = tl.load(
@@ -187,11 +193,11 @@ def _selective_scan_fwd_chunked_kernel(
     if HAS_D:
         skip = tl.load(D_ptr + offs_d * s_dd, mask=mask_d, other=0.0).to(tl.float32)
 
-    x_rows = x_ptr + pid_b * s_xb + offs_d[:, None] * s_xd
-    dt_rows = dt_ptr + pid_b * s_dtb + offs_d[:, None] * s_dtd
+    x_rows = x_ptr + pid_b * s_xb + rows[:, None] * s_xd
+    dt_rows = dt_ptr + pid_b * s_dtb + rows[:, None] * s_dtd
     b_cols = B_ptr + pid_b * s_bb + offs_n[None, :] * s_bn
     c_cols = C_ptr + pid_b * s_cb + offs_n[None, :] * s_cn
-    y_rows = y_ptr + pid_b * s_yb + offs_d[:, None] * s_yd
+    y_rows = y_ptr + pid_b * s_yb + rows[:, None] * s_yd
     is_last = (offs_j == BLOCK_T - 1)[None, :, None]
 
     h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
@@ -238,6 +244,7 @@ def _selective_scan_lrp_bwd_chunked_kernel(
     offs_j = tl.arange(0, BLOCK_T)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < d
+    rows = offs_d.to(tl.int64)  # d * T can exceed 2**31
     mask_n = offs_n < n
 
     A = tl.load(
@@ -248,11 +255,11 @@ def _selective_scan_lrp_bwd_chunked_kernel(
     if HAS_D:
         skip = tl.load(D_ptr + offs_d * s_dd, mask=mask_d, other=0.0).to(tl.float32)
 
-    g_rows = g_ptr + pid_b * s_gb + offs_d[:, None] * s_gd
-    dt_rows = dt_ptr + pid_b * s_dtb + offs_d[:, None] * s_dtd
+    g_rows = g_ptr + pid_b * s_gb + rows[:, None] * s_gd
+    dt_rows = dt_ptr + pid_b * s_dtb + rows[:, None] * s_dtd
     b_cols = B_ptr + pid_b * s_bb + offs_n[None, :] * s_bn
     c_cols = C_ptr + pid_b * s_cb + offs_n[None, :] * s_cn
-    dx_rows = dx_ptr + pid_b * s_xb + offs_d[:, None] * s_xd
+    dx_rows = dx_ptr + pid_b * s_xb + rows[:, None] * s_xd
     is_last = (offs_j == BLOCK_T - 1)[None, :, None]
 
     # Chunks are walked from the end, each loaded in reversed time order (position j holds step

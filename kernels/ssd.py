@@ -37,8 +37,9 @@ import triton.language as tl
 from mambalrp.functional.ssd import ssd_scan_fwd_torch, ssd_scan_lrp_bwd_torch
 
 VARIANTS = ("chunked", "sequential")
-# Sequential kernels: upper bound on BLOCK_P * BLOCK_N, the state one program holds in registers.
-MAX_STATE_ELEMENTS = 4096
+# Sequential kernels: upper bound on BLOCK_P * BLOCK_N, the state one program holds in registers
+# (16 x 128 for head_dim 64, d_state 128: 4 programs per head and batch item).
+MAX_STATE_ELEMENTS = 2048
 # Chunked kernels: steps per chunk, block of head channels (16 from d_state 64 on), warps.
 # At these sizes ptxas (sm_90) reports no register spills for head_dim 64, d_state 16 to 128.
 DEFAULT_BLOCK_T = 16
@@ -81,7 +82,8 @@ def _ssd_scan_fwd_kernel(
     y_ptrs = y_ptr + pid_b * s_yb + pid_h * s_yh + offs_p * s_yp
 
     state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    for t in range(T):
+    for t32 in range(T):
+        t = tl.cast(t32, tl.int64)  # T * heads * head_dim can exceed 2**31
         x_t = tl.load(x_ptrs + t * s_xt, mask=mask_p, other=0.0).to(tl.float32)
         dt_t = tl.load(dt_base + t * s_dtt).to(tl.float32)
         b_t = tl.load(b_ptrs + t * s_bt, mask=mask_n, other=0.0).to(tl.float32)
@@ -132,7 +134,7 @@ def _ssd_scan_lrp_bwd_kernel(
     # Decay of the step after the current one; its value at t = T - 1 multiplies a zero state.
     decay_next = a_h * 0.0
     for i in range(T):
-        t = T - 1 - i
+        t = tl.cast(T - 1 - i, tl.int64)  # T * heads * head_dim can exceed 2**31
         g_t = tl.load(g_ptrs + t * s_gt, mask=mask_p, other=0.0).to(tl.float32)
         dt_t = tl.load(dt_base + t * s_dtt).to(tl.float32)
         b_t = tl.load(b_ptrs + t * s_bt, mask=mask_n, other=0.0).to(tl.float32)
@@ -184,7 +186,7 @@ def _ssd_scan_fwd_chunked_kernel(
 
     state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
-        offs_t = t0 + offs_j
+        offs_t = (t0 + offs_j).to(tl.int64)
         mask_t = offs_t < T
         mask_tp = mask_t[:, None] & mask_p[None, :]
         mask_tn = mask_t[:, None] & mask_n[None, :]
@@ -248,7 +250,7 @@ def _ssd_scan_lrp_bwd_chunked_kernel(
     grad_state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     last = (T - 1) // BLOCK_T * BLOCK_T
     for i in range(0, T, BLOCK_T):
-        offs_t = (last - i) + offs_j
+        offs_t = ((last - i) + offs_j).to(tl.int64)
         mask_t = offs_t < T
         mask_tp = mask_t[:, None] & mask_p[None, :]
         mask_tn = mask_t[:, None] & mask_n[None, :]
