@@ -1,0 +1,142 @@
+"""Circuit analysis: hooks, IOI data, patching, EAP and relevance patching on tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import FAMILIES, assert_same_state, snapshot
+from mambalrp.circuits import HookedMamba
+
+ALL = lambda name: True  # noqa: E731
+
+
+def _tokens(seed: int = 0, batch: int = 2, seq: int = 7) -> torch.Tensor:
+    return torch.randint(0, 64, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------- hooks
+def test_no_hook_forward_is_bitwise_plain(family):
+    model = FAMILIES[family](0)
+    hm = HookedMamba(model)
+    toks = _tokens()
+    with torch.no_grad():
+        plain = model(toks, use_cache=False).logits
+        hooked = hm.run_with_hooks(toks)
+        with hm.hooks():
+            in_context = hm(toks)
+    assert torch.equal(plain, hooked)
+    assert torch.equal(plain, in_context)
+
+
+def test_cache_holds_every_documented_hook(family):
+    model = FAMILIES[family](0)
+    hm = HookedMamba(model)
+    toks = _tokens(batch=3, seq=6)
+    with torch.no_grad():
+        plain = model(toks, use_cache=False).logits
+        logits, cache = hm.run_with_cache(toks, names_filter=ALL)
+    shapes = hm.hook_shapes(3, 6)
+    assert set(cache) == set(shapes) == set(hm.hook_names)
+    for name, shape in shapes.items():
+        assert tuple(cache[name].shape) == shape, name
+    # the adapter path computes the same function
+    torch.testing.assert_close(logits, plain, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cache["hook_logits"], plain, rtol=1e-4, atol=1e-4)
+    # independent checks of a few shapes and of the block algebra
+    mixer = hm.structure.mixers[0]
+    n, K = mixer.ssm_state_size, mixer.conv1d.weight.shape[-1]
+    if family == "mamba2":
+        assert cache["blocks.0.hook_h"].shape == (3, 6, mixer.num_heads, mixer.head_dim, n)
+        assert cache["blocks.0.hook_A_bar"].shape == (3, 6, mixer.num_heads)
+    else:
+        assert cache["blocks.0.hook_h"].shape == (3, 6, mixer.intermediate_size, n)
+    assert cache["blocks.1.hook_conv_slice"].shape[2] == K
+    for l in range(hm.n_layers):
+        torch.testing.assert_close(
+            cache[f"blocks.{l}.hook_resid_post"],
+            cache[f"blocks.{l}.hook_resid_pre"] + cache[f"blocks.{l}.hook_out_proj"],
+        )
+        assert torch.equal(cache[f"blocks.{l}.hook_layer_input"], cache[f"blocks.{l}.hook_resid_pre"])
+    conv = cache["blocks.1.hook_conv_slice"].sum(2) + hm.structure.mixers[1].conv1d.bias
+    torch.testing.assert_close(conv, cache["blocks.1.hook_conv"], rtol=1e-5, atol=1e-5)
+    # default filter: everything but the on-request hooks
+    _, default = hm.run_with_cache(toks)
+    assert "blocks.0.hook_h" not in default and "blocks.0.hook_conv_slice" not in default
+    assert "blocks.0.hook_ssm_input" in default and "hook_embed" in default
+
+
+@pytest.mark.parametrize("family_name", ["mamba", "mamba2"])
+def test_patching_a_hook_with_its_clean_value_changes_nothing(family_name):
+    model = FAMILIES[family_name](1)
+    hm = HookedMamba(model)
+    toks = _tokens(1)
+    kinds = [n for n in hm.hook_names if n.startswith("blocks.0.") or not n.startswith("blocks.")]
+    with torch.no_grad():
+        for name in kinds:
+            clean, cache = hm.run_with_cache(toks, names_filter=[name])
+            patched = hm.run_with_hooks(toks, fwd_hooks=[(name, lambda a, h: cache[h.name].clone())])
+            assert torch.equal(clean, patched), name
+            if not name.endswith(("hook_resid_pre", "hook_conv_slice", "hook_h", "hook_in_proj_z", "hook_gate")):
+                continue
+            changed = hm.run_with_hooks(toks, fwd_hooks=[(name, lambda a, h: cache[h.name] + 1.0)])
+            assert not torch.allclose(clean, changed), f"patching {name} has no effect"
+
+
+def test_model_restored_after_calls_and_errors(family):
+    model = FAMILIES[family](2)
+    model.backbone.layers[0].mixer.in_proj.weight.requires_grad_(False)
+    before = snapshot(model)
+    hm = HookedMamba(model)
+    toks = _tokens()
+    hm.run_with_cache(toks, names_filter=ALL, incl_bwd=True, metric=lambda l: l[:, -1].sum())
+    hm.run_with_hooks(toks, rules="mambalrp")
+    assert_same_state(model, before)
+
+    class Boom(RuntimeError):
+        pass
+
+    def boom(act, hook):
+        raise Boom(hook.name)
+
+    for name in ("blocks.1.hook_ssm_input", "blocks.0.hook_resid_post", "blocks.1.hook_h", "hook_logits"):
+        with pytest.raises(Boom):
+            hm.run_with_hooks(toks, fwd_hooks=[("blocks.0.hook_resid_pre", lambda a, h: a * 1.0), (name, boom)])
+        assert_same_state(model, before)
+    with pytest.raises(Boom), hm.hooks(fwd_hooks=[("blocks.0.hook_y", boom)]):
+        hm(toks)
+    assert_same_state(model, before)
+    with pytest.raises(ValueError, match="shape"):
+        hm.run_with_hooks(toks, fwd_hooks=[("blocks.0.hook_delta", lambda a, h: a[:, :1])])
+    assert_same_state(model, before)
+    with torch.no_grad():
+        assert torch.equal(hm(toks), model(toks, use_cache=False).logits)
+
+
+def test_hooks_context_and_backward_hooks():
+    model = FAMILIES["mamba"](3)
+    hm = HookedMamba(model)
+    toks = _tokens(3)
+    zero = ("blocks.1.hook_out_proj", lambda a, h: torch.zeros_like(a))
+    with torch.no_grad():
+        plain = hm(toks)
+        with hm.hooks(fwd_hooks=[zero]):
+            inside = hm(toks)
+        after = hm(toks)
+        direct = hm.run_with_hooks(toks, fwd_hooks=[zero])
+    assert torch.equal(inside, direct) and torch.equal(after, plain) and not torch.equal(inside, plain)
+
+    metric = lambda logits: logits[:, -1, 5].sum()  # noqa: E731
+    _, cache = hm.run_with_cache(toks, names_filter="blocks.1.hook_resid_pre", incl_bwd=True, metric=metric)
+    seen = {}
+
+    def grab(grad, hook):
+        seen[hook.name] = grad.clone()
+
+    emb = model.get_input_embeddings()(toks).detach().requires_grad_(True)
+    logits = hm.run_with_hooks(toks, fwd_hooks=[("hook_embed", lambda a, h: emb)],
+                               bwd_hooks=[("blocks.1.hook_resid_pre", grab)])
+    metric(logits).backward()
+    torch.testing.assert_close(seen["blocks.1.hook_resid_pre"], cache["blocks.1.hook_resid_pre_grad"])
+    with pytest.raises(KeyError):
+        hm.run_with_hooks(toks, fwd_hooks=[("blocks.9.hook_nope", grab)])
