@@ -140,3 +140,66 @@ def test_hooks_context_and_backward_hooks():
     torch.testing.assert_close(seen["blocks.1.hook_resid_pre"], cache["blocks.1.hook_resid_pre_grad"])
     with pytest.raises(KeyError):
         hm.run_with_hooks(toks, fwd_hooks=[("blocks.9.hook_nope", grab)])
+
+
+# ------------------------------------------------------------------------------------------ IOI
+from mambalrp.circuits import ioi  # noqa: E402
+
+
+def test_corruption_kinds_match_their_documented_patterns():
+    clean = ioi.IOIPrompt(0, ("Alice", "Bob", "Carol"), ("Alice", "Bob"), "store", "drink")
+    assert clean.text == "Then, Alice, Bob and Carol went to the store. Alice and Bob gave a drink to"
+    assert clean.answer == "Carol" and clean.pattern == "ABC AB C"
+    expected = {
+        "new_answer": "ABD AB D",
+        "clause_first_to_answer": "ABC CB A",
+        "clause_second_to_answer": "ABC AC B",
+        "swap_answer_first": "CBA CB A",
+        "swap_answer_second": "ACB AC B",
+    }
+    assert set(expected) == set(ioi.CORRUPTIONS)
+    for kind, pattern in expected.items():
+        pair = ioi.IOIPair(clean, ioi.corrupt(clean, kind, new_name="David"), kind)
+        assert pair.patterns() == ("ABC AB C", pattern), kind
+        assert pair.corrupt.answer != clean.answer
+    with pytest.raises(ValueError):
+        ioi.corrupt(clean, "new_answer", new_name="Bob")
+
+
+def test_ioi_batches_differ_only_at_replaced_names_and_positions_are_right():
+    tok = ioi.WordTokenizer.for_templates()
+    names = ioi.single_token_names(tok)
+    assert names == list(ioi.NAMES)
+    assert ioi.single_token_names(tok, ["Alice", "Zorblax", "Mary-Ann"]) == ["Alice"]  # unknown; 3 tokens
+    pairs = ioi.generate_pairs(40, names=names, seed=3, symmetric=True)
+    assert pairs == ioi.generate_pairs(40, names=names, seed=3, symmetric=True)
+    assert pairs != ioi.generate_pairs(40, names=names, seed=4, symmetric=True)
+    assert {p.kind.split(":")[0] for p in pairs} == set(ioi.CORRUPTIONS)
+    batches = ioi.tokenize_pairs(tok, pairs)
+    assert sum(len(b) for b in batches) == 80
+    for b in batches:
+        for i, pair in enumerate(b.pairs):
+            clean, corr = b.clean_tokens[i], b.corrupt_tokens[i]
+            for slot in ioi.SLOTS:
+                pos = int(b.positions[slot][i])
+                assert tok.vocab[int(clean[pos])] == pair.clean.fill()[slot]
+                assert tok.vocab[int(corr[pos])] == pair.corrupt.fill()[slot]
+            changed = {int(b.positions[s][i]) for s in pair.changed_slots()}
+            assert changed, pair
+            assert set((clean != corr).nonzero().flatten().tolist()) == changed
+            assert tok.vocab[int(b.clean_answer[i])] == pair.clean.answer
+            assert tok.vocab[int(b.corrupt_answer[i])] == pair.corrupt.answer
+            assert int(b.positions["END"][i]) == clean.shape[0] - 1
+
+
+def test_ioi_metrics():
+    logits = torch.zeros(3, 2, 5)
+    logits[:, -1] = torch.tensor([[3.0, 1, 0, 0, 0], [0, 2.0, 0, 0, 0], [1.0, 1.0, 0, 0, 0]])
+    correct, wrong = torch.tensor([0, 0, 0]), torch.tensor([1, 1, 1])
+    assert torch.equal(ioi.logit_diff(logits, correct, wrong), torch.tensor([2.0, -2.0, 0.0]))
+    assert ioi.accuracy(logits, correct, wrong).item() == pytest.approx(1 / 3)
+    assert ioi.accuracy(logits, correct).item() == pytest.approx(2 / 3)  # arg-max ties resolve to 0
+    ld_clean, ld_corr = torch.tensor([4.0, 2.0]), torch.tensor([-1.0, -1.0])
+    assert ioi.normalized_logit_diff(ld_clean, ld_clean, ld_corr).item() == pytest.approx(1.0)
+    assert ioi.normalized_logit_diff(ld_corr, ld_clean, ld_corr).item() == pytest.approx(0.0)
+    assert ioi.normalized_logit_diff(torch.tensor([1.0]), ld_clean, ld_corr).item() == pytest.approx(0.5)
