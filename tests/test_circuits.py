@@ -11,6 +11,15 @@ from mambalrp.circuits import HookedMamba
 ALL = lambda name: True  # noqa: E731
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread avoids thread start-up and contention costs; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _tokens(seed: int = 0, batch: int = 2, seq: int = 7) -> torch.Tensor:
     return torch.randint(0, 64, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
@@ -203,3 +212,131 @@ def test_ioi_metrics():
     assert ioi.normalized_logit_diff(ld_clean, ld_clean, ld_corr).item() == pytest.approx(1.0)
     assert ioi.normalized_logit_diff(ld_corr, ld_clean, ld_corr).item() == pytest.approx(0.0)
     assert ioi.normalized_logit_diff(torch.tensor([1.0]), ld_clean, ld_corr).item() == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------------------------- patching
+import copy  # noqa: E402
+
+from mambalrp import circuits as C  # noqa: E402
+
+
+def _pair(seed=0, n=3, t=6, pos=2):
+    clean = _tokens(seed, n, t)
+    corrupt = clean.clone()
+    corrupt[:, pos] = (corrupt[:, pos] + 7) % 64
+    return clean, corrupt
+
+
+def _metric(logits):
+    return (logits[:, -1, 3] - logits[:, -1, 5]).mean()
+
+
+def test_patch_sweep_properties():
+    hm = HookedMamba(FAMILIES["mamba"](4, num_hidden_layers=3))
+    clean, corrupt = _pair(4)
+    with torch.no_grad():
+        m_clean, m_corrupt = float(_metric(hm(clean))), float(_metric(hm(corrupt)))
+    assert abs(m_clean - m_corrupt) > 1e-3
+    for direction, base, other in (("corrupt_into_clean", m_clean, m_corrupt), ("clean_into_corrupt", m_corrupt, m_clean)):
+        sweep = C.patch_sweep(hm, clean, corrupt, _metric, "hook_resid_pre", direction=direction, positions_per_run=4)
+        assert sweep.shape == (3, 6)
+        # layer 0's residual input is the embedding: patching the one differing position swaps the prompt
+        assert sweep[0, 2].item() == pytest.approx(other, abs=1e-5)
+        # positions before the difference carry identical activations; at layer 0 only position 2 differs
+        torch.testing.assert_close(sweep[:, :2], torch.full((3, 2), base), atol=1e-5, rtol=0)
+        torch.testing.assert_close(sweep[0, 3:], torch.full((3,), base), atol=1e-5, rtol=0)
+    same = C.patch_sweep(hm, clean, clean, _metric, "hook_ssm_input", layers=[1])
+    torch.testing.assert_close(same, torch.full((1, 6), m_clean), atol=1e-5, rtol=0)
+    slices = C.conv_slice_patching(hm, clean, corrupt, _metric, layer=0)
+    K = hm.structure.mixers[0].conv1d.weight.shape[-1]
+    # slice k at position t reads the input K-1-k positions back: it sees position 2 only at t = 2 + K-1-k
+    for k in range(K):
+        for t in range(6):
+            if t != 2 + (K - 1 - k):
+                assert slices[k, t].item() == pytest.approx(m_clean, abs=1e-5), (k, t)
+    assert (slices - m_clean).abs().max() > 1e-4
+
+
+def test_layer_ablations():
+    model = FAMILIES["mamba"](5, num_hidden_layers=3)
+    hm = HookedMamba(model)
+    toks = _tokens(5, 4, 6)
+    zero = C.ablate_layers(hm, toks, _metric, "zero")
+    for l in range(3):
+        ablated = copy.deepcopy(model)
+        with torch.no_grad():
+            ablated.backbone.layers[l].mixer.out_proj.weight.zero_()
+            assert zero[l].item() == pytest.approx(float(_metric(ablated(toks, use_cache=False).logits)), abs=1e-5)
+    same = toks[:1].expand(4, -1)
+    with torch.no_grad():
+        m_same = float(_metric(hm(same)))
+    torch.testing.assert_close(C.ablate_layers(hm, same, _metric, "mean"), torch.full((3,), m_same), atol=1e-5, rtol=0)
+    torch.testing.assert_close(C.ablate_layers(hm, same, _metric, "resample"), torch.full((3,), m_same), atol=1e-5, rtol=0)
+    assert not torch.allclose(C.ablate_layers(hm, toks, _metric, "resample"), zero)
+
+
+def test_eap_equals_first_order_taylor_term():
+    hm = HookedMamba(FAMILIES["mamba"](6, num_hidden_layers=3))
+    clean, corrupt = _pair(6)
+    ea = C.edge_attribution_patching(hm, clean, corrupt, _metric, method="eap")
+    assert ea.edges == C.graph_edges(3) and len(ea.edges) == 10 and ea.scores.shape == (10, 6)
+    _, cc = hm.run_with_cache(clean)
+    _, xc = hm.run_with_cache(corrupt)
+    out = lambda node: "hook_embed" if node == "embed" else f"blocks.{node[1:]}.hook_out_proj"  # noqa: E731
+    inp = lambda node: "hook_resid_final" if node == "output" else f"blocks.{node[1:]}.hook_layer_input"  # noqa: E731
+    for e, (src, dst) in enumerate(ea.edges):
+        delta = xc[out(src)] - cc[out(src)]
+        alpha = torch.zeros(6, requires_grad=True)
+        logits = hm.run_with_hooks(clean, fwd_hooks=[(inp(dst), lambda a, h: a + alpha[None, :, None] * delta)])
+        (direct,) = torch.autograd.grad(_metric(logits), alpha)
+        torch.testing.assert_close(ea.scores[e], direct, rtol=1e-4, atol=1e-6)
+        # and it is the derivative of the edge-patched metric: finite difference along the edge
+        eps = 1e-3
+        with torch.no_grad():
+            m0 = _metric(hm.run_with_hooks(clean, fwd_hooks=[(inp(dst), lambda a, h: a - eps * delta)]))
+            m1 = _metric(hm.run_with_hooks(clean, fwd_hooks=[(inp(dst), lambda a, h: a + eps * delta)]))
+        assert ((m1 - m0) / (2 * eps)).item() == pytest.approx(ea.edge_scores[e].item(), rel=0.02, abs=2e-3)
+    assert ea.scores[:, :2].abs().max() == 0  # nothing differs before position 2
+    assert ea.scores.abs().max() > 1e-3
+    # relevance patching differs from EAP only by the rules of the backward pass
+    relp_grad = C.edge_attribution_patching(hm, clean, corrupt, _metric, method="relp", relp_rules="gradient")
+    torch.testing.assert_close(relp_grad.scores, ea.scores, rtol=1e-4, atol=1e-5)
+    relp = C.edge_relevance_patching(hm, clean, corrupt, _metric)
+    assert not torch.allclose(relp.scores, ea.scores, atol=1e-3)
+    nodes_eap = C.attribution_patching(hm, clean, corrupt, _metric, "hook_resid_pre", "eap")
+    _, g = hm.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"), incl_bwd=True, metric=_metric)
+    manual = torch.stack([((xc[f"blocks.{l}.hook_resid_pre"] - cc[f"blocks.{l}.hook_resid_pre"])
+                           * g[f"blocks.{l}.hook_resid_pre_grad"]).sum((0, 2)) for l in range(3)])
+    torch.testing.assert_close(nodes_eap, manual, rtol=1e-4, atol=1e-6)
+    ig = C.attribution_patching(hm, clean, corrupt, _metric, "hook_resid_pre", "eap-ig", ig_steps=3)
+    assert ig.shape == (3, 6) and not torch.allclose(ig, nodes_eap, atol=1e-4)
+
+
+def test_circuit_evaluation_and_search(tmp_path):
+    hm = HookedMamba(FAMILIES["mamba"](7, num_hidden_layers=2))
+    clean, corrupt = _pair(7)
+    ea = C.edge_attribution_patching(hm, clean, corrupt, _metric)
+    full = torch.ones(ea.scores.shape, dtype=torch.bool)
+    with torch.no_grad():
+        assert torch.equal(C.run_circuit(hm, clean, corrupt, full), hm(clean))
+        torch.testing.assert_close(C.run_circuit(hm, clean, corrupt, ~full), hm(corrupt), atol=1e-5, rtol=1e-5)
+        m_clean, m_corrupt = float(_metric(hm(clean))), float(_metric(hm(corrupt)))
+    threshold = m_corrupt + 0.7 * (m_clean - m_corrupt)
+    score = _metric if m_clean > m_corrupt else (lambda l: -_metric(l))
+    threshold = threshold if m_clean > m_corrupt else -threshold
+    for positional in (False, True):
+        found = C.find_circuit(hm, ea, clean, corrupt, score, threshold, positional=positional)
+        assert found.score >= threshold
+        with torch.no_grad():
+            assert found.full_score == pytest.approx(float(score(hm(clean))))
+        assert int(found.mask.sum()) == (found.size if positional else found.size * clean.shape[1])
+        smaller = dict(found.evaluations).get(found.size - 1)
+        if smaller is not None:
+            assert smaller < threshold
+    data = ea.to_dict()
+    assert [(e["src"], e["dst"]) for e in data["edges"]] == ea.edges
+    ea.to_json(str(tmp_path / "g.json"))
+    assert (tmp_path / "g.json").read_text().startswith("{")
+    nx = pytest.importorskip("networkx")
+    g = ea.to_networkx(found.mask)
+    assert isinstance(g, nx.DiGraph) and set(g.nodes) == set(ea.nodes)
