@@ -142,11 +142,13 @@ def test_hooks_context_and_backward_hooks():
     def grab(grad, hook):
         seen[hook.name] = grad.clone()
 
-    emb = model.get_input_embeddings()(toks).detach().requires_grad_(True)
-    logits = hm.run_with_hooks(toks, fwd_hooks=[("hook_embed", lambda a, h: emb)],
-                               bwd_hooks=[("blocks.1.hook_resid_pre", grab)])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    before = snapshot(model)
+    logits = hm.run_with_hooks(toks, bwd_hooks=[("blocks.1.hook_resid_pre", grab)])
     metric(logits).backward()
     torch.testing.assert_close(seen["blocks.1.hook_resid_pre"], cache["blocks.1.hook_resid_pre_grad"])
+    assert_same_state(model, before)
     with pytest.raises(KeyError):
         hm.run_with_hooks(toks, fwd_hooks=[("blocks.9.hook_nope", grab)])
 

@@ -222,7 +222,9 @@ class HookedMamba:
             fwd_hooks: ``(name_or_filter, fn)`` pairs; ``fn(act, hook)`` returns ``None`` or a
                 replacement of the same shape. A filter is a callable on hook names.
             bwd_hooks: Same for gradients: ``fn(grad, hook)`` is called when a backward pass
-                reaches the activation (tensor hooks, so they fire on a later ``backward``).
+                reaches the activation (tensor hooks, so they fire on a later ``backward``); it
+                returns ``None`` or a replacement gradient. With backward hooks the embedding
+                output is made to require grad, so they fire even when no parameter does.
             rules: Run the mixers under these LRP rules (e.g. ``"mambalrp"`` for relevance
                 patching). Default: the model's own forward, or the ``"gradient"`` rules when a
                 mixer-internal hook is registered.
@@ -231,8 +233,10 @@ class HookedMamba:
         Returns:
             The logits ``(batch, seq, vocab)``.
         """
-        fwd = self._resolve(list(self._context_fwd) + list(fwd_hooks))
-        bwd = self._resolve(list(self._context_bwd) + list(bwd_hooks))
+        bwd_specs = list(self._context_bwd) + list(bwd_hooks)
+        grad_root = [("hook_embed", _grad_root)] if bwd_specs and torch.is_grad_enabled() else []
+        fwd = self._resolve(grad_root + list(self._context_fwd) + list(fwd_hooks))
+        bwd = self._resolve(bwd_specs)
         run = _Run(fwd, bwd, self.points)
         with self._installed(run, rules):
             out = self.model(tokens, **self._kwargs(model_kwargs))
@@ -377,7 +381,7 @@ def _pre_hook(run: _Run, layer: int | None, kind: str, alias: bool = False):
             x = args[0]
             x = x.view_as(x) if alias else x
             return (run.fire(layer, kind, x), *args[1:]), kwargs
-        key = next(iter(kwargs))
+        key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
         x = kwargs[key]
         x = x.view_as(x) if alias else x
         return args, {**kwargs, key: run.fire(layer, kind, x)}
