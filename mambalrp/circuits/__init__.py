@@ -40,12 +40,13 @@ from mambalrp.circuits.ioi import (
 )
 from mambalrp.circuits.layouts import TapLayout, conv_slices, register_tap_layout
 from mambalrp.circuits.patching import ablate_layers, conv_slice_patching, patch_sweep
-from mambalrp.circuits.relp import edge_relevance_patching, relevance_patching
+from mambalrp.circuits.relp import RELP_GRADIENT_GATE, edge_relevance_patching, relevance_patching
 from mambalrp.circuits.structure import ModelStructure, find_structure, register_structure
 
 __all__ = [
     "CORRUPTIONS",
     "METHODS",
+    "RELP_GRADIENT_GATE",
     "ActivationCache",
     "CircuitSearch",
     "EdgeAttribution",
