@@ -38,6 +38,27 @@ def test_no_hook_forward_is_bitwise_plain(family):
     assert torch.equal(plain, in_context)
 
 
+def test_no_hook_call_installs_nothing():
+    model = FAMILIES["mamba"](0)
+    hm = HookedMamba(model)
+    seen = []
+
+    def spy(module, args, output):
+        # while the model runs under a hook-free wrapper call, no other hook or patched forward exists
+        seen.append([(n, len(m._forward_hooks) + len(m._forward_pre_hooks), "forward" in m.__dict__)
+                     for n, m in model.named_modules() if m is not model.lm_head])
+
+    handle = model.lm_head.register_forward_hook(spy)
+    try:
+        with torch.no_grad():
+            hm(_tokens())
+            hm.run_with_hooks(_tokens(), fwd_hooks=[("blocks.0.hook_y", lambda a, h: None)])
+    finally:
+        handle.remove()
+    assert all(k == 0 and not patched for _, k, patched in seen[0])
+    assert any(patched for _, _, patched in seen[1])  # a mixer-internal hook runs the mixers through adapters
+
+
 def test_cache_holds_every_documented_hook(family):
     model = FAMILIES[family](0)
     hm = HookedMamba(model)
@@ -203,6 +224,28 @@ def test_ioi_batches_differ_only_at_replaced_names_and_positions_are_right():
             assert int(b.positions["END"][i]) == clean.shape[0] - 1
 
 
+def test_ioi_positions_with_a_byte_level_bpe_tokenizer():
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [p.clean.text + " " + p.clean.answer for p in ioi.generate_pairs(200, seed=0)]
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+    names = ioi.single_token_names(tok)
+    assert 4 <= len(names) < len(ioi.NAMES)  # rare names are split by this small BPE
+    for b in ioi.tokenize_pairs(tok, ioi.generate_pairs(30, names=names, seed=1, symmetric=True)):
+        for i, pair in enumerate(b.pairs):
+            tokens = tok.convert_ids_to_tokens(b.clean_tokens[i].tolist())
+            for slot in ioi.SLOTS:
+                assert tokens[int(b.positions[slot][i])] == "\u0120" + pair.clean.fill()[slot]
+            changed = {int(b.positions[s][i]) for s in pair.changed_slots()}
+            assert set((b.clean_tokens[i] != b.corrupt_tokens[i]).nonzero().flatten().tolist()) == changed
+
+
 def test_ioi_metrics():
     logits = torch.zeros(3, 2, 5)
     logits[:, -1] = torch.tensor([[3.0, 1, 0, 0, 0], [0, 2.0, 0, 0, 0], [1.0, 1.0, 0, 0, 0]])
@@ -277,8 +320,9 @@ def test_layer_ablations():
     assert not torch.allclose(C.ablate_layers(hm, toks, _metric, "resample"), zero)
 
 
-def test_eap_equals_first_order_taylor_term():
-    hm = HookedMamba(FAMILIES["mamba"](6, num_hidden_layers=3))
+@pytest.mark.parametrize("family_name", ["mamba", "mamba2"])
+def test_eap_equals_first_order_taylor_term(family_name):
+    hm = HookedMamba(FAMILIES[family_name](6, num_hidden_layers=3))
     clean, corrupt = _pair(6)
     ea = C.edge_attribution_patching(hm, clean, corrupt, _metric, method="eap")
     assert ea.edges == C.graph_edges(3) and len(ea.edges) == 10 and ea.scores.shape == (10, 6)
