@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from mambalrp.functional import dispatch
+from mambalrp.functional.scan_fn import scan_lrp_function
 from mambalrp.functional.scan_core import acc, chunk_length, scan_forward
 
 
@@ -108,33 +108,12 @@ def selective_scan_lrp_bwd_torch(g, dt, A, B, C, D, chunk: int | None = None) ->
     return dx
 
 
-def _impl(x: torch.Tensor):
-    if dispatch.resolve(x, "selective_scan") == "triton":
-        kernels = dispatch.triton_kernels()
-        return kernels.selective_scan_fwd, kernels.selective_scan_lrp_bwd
-    return selective_scan_fwd_torch, selective_scan_lrp_bwd_torch
-
-
-class SelectiveScanLRPFn(torch.autograd.Function):
-    """Forward: the selective scan. Backward: the SSM rule (``dx`` only, by a reverse scan)."""
-
-    @staticmethod
-    def forward(ctx, x, dt, A, B, C, D):
-        fwd, _ = _impl(x)
-        f32 = [acc(t) for t in (dt, A, B, C, D)]
-        ctx.save_for_backward(*[t for t in f32 if t is not None])
-        ctx.has_d = D is not None
-        ctx.x_dtype = x.dtype
-        return fwd(acc(x), *f32)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        saved = list(ctx.saved_tensors)
-        D = saved.pop() if ctx.has_d else None
-        dt, A, B, C = saved
-        _, bwd = _impl(grad_out)
-        dx = bwd(acc(grad_out).contiguous(), dt, A, B, C, D)
-        return dx.to(ctx.x_dtype), None, None, None, None, None
+SelectiveScanLRPFn = scan_lrp_function(
+    "selective_scan",
+    selective_scan_fwd_torch,
+    selective_scan_lrp_bwd_torch,
+    "Forward: the selective scan. Backward: the SSM rule (``dx`` only, by a reverse scan).",
+)
 
 
 def selective_scan_lrp(x, dt, A, B, C, D=None) -> torch.Tensor:

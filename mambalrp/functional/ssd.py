@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from mambalrp.functional import dispatch
+from mambalrp.functional.scan_fn import scan_lrp_function
 from mambalrp.functional.scan_core import acc
 
 DEFAULT_CHUNK = 64
@@ -114,33 +114,12 @@ def ssd_scan_lrp_bwd_torch(g, dt, A, B, C, D, chunk: int = DEFAULT_CHUNK) -> tor
     return dx if skip is None else dx + skip
 
 
-def _impl(x: torch.Tensor):
-    if dispatch.resolve(x, "ssd_scan") == "triton":
-        kernels = dispatch.triton_kernels()
-        return kernels.ssd_scan_fwd, kernels.ssd_scan_lrp_bwd
-    return ssd_scan_fwd_torch, ssd_scan_lrp_bwd_torch
-
-
-class SSDScanLRPFn(torch.autograd.Function):
-    """Forward: the SSD scan. Backward: the SSM rule (``dx`` only, by the adjoint scan)."""
-
-    @staticmethod
-    def forward(ctx, x, dt, A, B, C, D):
-        fwd, _ = _impl(x)
-        f32 = [acc(t) for t in (dt, A, B, C, D)]
-        ctx.save_for_backward(*[t for t in f32 if t is not None])
-        ctx.has_d = D is not None
-        ctx.x_dtype = x.dtype
-        return fwd(acc(x), *f32)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        saved = list(ctx.saved_tensors)
-        D = saved.pop() if ctx.has_d else None
-        dt, A, B, C = saved
-        _, bwd = _impl(grad_out)
-        dx = bwd(acc(grad_out).contiguous(), dt, A, B, C, D)
-        return dx.to(ctx.x_dtype), None, None, None, None, None
+SSDScanLRPFn = scan_lrp_function(
+    "ssd_scan",
+    ssd_scan_fwd_torch,
+    ssd_scan_lrp_bwd_torch,
+    "Forward: the SSD scan. Backward: the SSM rule (``dx`` only, by the adjoint scan).",
+)
 
 
 def ssd_scan_lrp(x, dt, A, B, C, D=None) -> torch.Tensor:

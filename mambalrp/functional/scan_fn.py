@@ -1,0 +1,60 @@
+"""The autograd Function shared by both scan rules.
+
+Both scans are linear in ``x`` once ``dt``, the decays, ``B`` and ``C`` are held constant, so the
+SSM rule's backward is the adjoint scan applied to the incoming gradient, and only ``x`` gets a
+gradient. The implementations (chunked torch or Triton) are chosen per call by
+:mod:`mambalrp.functional.dispatch`; accumulation is in float32 (float64 stays float64).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from mambalrp.functional import dispatch
+from mambalrp.functional.scan_core import acc
+
+ScanImpl = Callable[..., torch.Tensor]
+
+
+def scan_lrp_function(op: str, torch_fwd: ScanImpl, torch_bwd: ScanImpl, doc: str) -> type[torch.autograd.Function]:
+    """Build the ``torch.autograd.Function`` of a scan rule.
+
+    Args:
+        op: Dispatch name; Triton kernels are looked up as ``op + "_fwd"`` / ``op + "_lrp_bwd"``.
+        torch_fwd: ``(x, dt, A, B, C, D) -> y`` on accumulation-dtype tensors.
+        torch_bwd: ``(g, dt, A, B, C, D) -> dx``, the adjoint of ``torch_fwd`` in ``x``.
+        doc: Docstring of the class.
+
+    Returns:
+        A Function whose ``apply(x, dt, A, B, C, D)`` returns ``y`` in the accumulation dtype.
+    """
+
+    def implementations(x: torch.Tensor) -> tuple[ScanImpl, ScanImpl]:
+        if dispatch.resolve(x, op) == "triton":
+            kernels = dispatch.triton_kernels()
+            return getattr(kernels, op + "_fwd"), getattr(kernels, op + "_lrp_bwd")
+        return torch_fwd, torch_bwd
+
+    class ScanLRPFn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, dt, A, B, C, D):
+            fwd, _ = implementations(x)
+            coefficients = [acc(t) for t in (dt, A, B, C, D)]
+            ctx.save_for_backward(*[t for t in coefficients if t is not None])
+            ctx.has_d = D is not None
+            ctx.x_dtype = x.dtype
+            return fwd(acc(x), *coefficients)
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            saved = list(ctx.saved_tensors)
+            D = saved.pop() if ctx.has_d else None
+            dt, A, B, C = saved
+            _, bwd = implementations(grad_out)
+            dx = bwd(acc(grad_out).contiguous(), dt, A, B, C, D)
+            return dx.to(ctx.x_dtype), None, None, None, None, None
+
+    ScanLRPFn.__doc__ = doc
+    return ScanLRPFn
