@@ -31,8 +31,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from mambalrp.context import lrp, plan
-from mambalrp.explain import Target, _call, _capture, _check_ids, _check_mask, _frozen, _input_embedding
-from mambalrp.explain import _output_tensor, _positions, _select
+from mambalrp.explain import Target, _call, _capture, _frozen, _inputs, _output_tensor, _positions, _select
 from mambalrp.rules import RuleSet, get_rules
 
 # Backward nodes of operations that are linear in each input that requires grad (or that only
@@ -268,6 +267,7 @@ def check_rules(
     rules: str | RuleSet = "mambalrp",
     blocks: Sequence[str] | None = None,
     rtol: float = 1e-4,
+    input_layer: nn.Module | None = None,
 ) -> RuleReport:
     """Check that the rules cover every operation on the relevance path, and conserve per block.
 
@@ -290,14 +290,13 @@ def check_rules(
         blocks: Qualified names of the modules whose conservation to measure. Default: the parent
             of every matched mixer (and attention layer), i.e. the residual blocks.
         rtol: Relative tolerance of :attr:`RuleReport.ok`.
+        input_layer: Module whose output is the explained input (as for :func:`mambalrp.explain`).
 
     Returns:
         A :class:`RuleReport`; ``print`` it for a readable summary.
     """
     rule_set = get_rules(rules)
-    embedding = _input_embedding(model)
-    ids = _check_ids(input_ids, embedding)
-    mask = _check_mask(attention_mask, ids)
+    embedding, ids, mask = _inputs(model, input_ids, attention_mask, input_layer)
     block_names = list(blocks) if blocks is not None else _default_blocks(model, rule_set)
     modules = dict(model.named_modules())
     missing = [b for b in block_names if b not in modules]
@@ -322,7 +321,7 @@ def check_rules(
                 output = _output_tensor(_call(model, ids, mask))
             with torch.enable_grad():
                 if output.dim() == 3:
-                    pos = _positions(position, mask, ids)
+                    pos = _positions(position, mask, ids if input_layer is None else output[..., 0])
                     selected = output[torch.arange(ids.shape[0], device=output.device), pos.to(output.device)]
                 else:
                     selected = output
@@ -339,7 +338,7 @@ def check_rules(
                     if g_out is None:
                         continue
                     r_out = _rows(out * g_out, batch)
-                    r_in = torch.zeros(batch, dtype=torch.float64)
+                    r_in = torch.zeros(batch, dtype=torch.float64, device=out.device)
                     if ins:
                         g_ins = torch.autograd.grad(out, ins, g_out, retain_graph=True, allow_unused=True)
                         for x, g in zip(ins, g_ins):
@@ -347,7 +346,7 @@ def check_rules(
                                 r_in = r_in + _rows(x * g, batch)
                     suffix = "" if len(records[name]) == 1 else f"#{sum(1 for r in results if r.name.startswith(name))}"
                     results.append(BlockConservation(name + suffix, r_out.float(), r_in.float()))
-                total = _rows(emb * grads[0], batch) if grads[0] is not None else torch.zeros(batch)
+                total = _rows(emb * grads[0], batch) if grads[0] is not None else torch.zeros(batch, device=score.device)
     finally:
         for h in handles:
             h.remove()

@@ -27,6 +27,7 @@ def explain(
     attention_mask: torch.Tensor | None = None,
     rules: str | RuleSet = "mambalrp",
     return_hidden: bool = False,
+    input_layer: nn.Module | None = None,
 ) -> Explanation:
     """Explain one output of ``model`` per batch item with MambaLRP.
 
@@ -51,6 +52,12 @@ def explain(
         rules: ``"mambalrp"`` (default), ``"gradient"`` (Gradient x Input), ``"ln-only"``, or a
             :class:`~mambalrp.rules.RuleSet`.
         return_hidden: Also return ``(batch, seq, d_model)`` per-dimension relevance.
+        input_layer: Read relevance at the output of this module instead of the input embedding,
+            for models whose inputs are not token ids (e.g. the patch embedding of a Vision Mamba
+            classifier). ``input_ids`` is then any tensor the model takes as its first argument
+            (e.g. pixel values), the module's output should be ``(batch, tokens, dim)``, relevance
+            is summed over its last dimension, and ``attention_mask`` must be ``None``. The
+            explanation's ``input_ids`` field then holds that input tensor.
 
     Returns:
         An :class:`~mambalrp.explanation.Explanation`.
@@ -60,16 +67,14 @@ def explain(
         InputError: Invalid ids, mask, position or target.
     """
     rule_set = get_rules(rules)
-    embedding = _input_embedding(model)
-    ids = _check_ids(input_ids, embedding)
-    mask = _check_mask(attention_mask, ids)
+    embedding, ids, mask = _inputs(model, input_ids, attention_mask, input_layer)
     plan(model, rule_set)  # fail before anything is touched
 
     with _frozen(model), lrp(model, rule_set), _capture(embedding) as captured:
         with torch.enable_grad():
             output = _output_tensor(_call(model, ids, mask))
             if output.dim() == 3:
-                pos = _positions(position, mask, ids)
+                pos = _positions(position, mask, ids if input_layer is None else output[..., 0])
                 selected = output[torch.arange(ids.shape[0], device=output.device), pos.to(output.device)]
             elif output.dim() == 2:
                 if position is not None:
@@ -97,6 +102,23 @@ def explain(
         rules=rule_set.name,
         hidden_relevance=hidden if return_hidden else None,
     )
+
+
+def _inputs(
+    model: nn.Module, input_ids: Any, attention_mask: Any, input_layer: nn.Module | None
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
+    """The module whose output is explained, the checked inputs and the checked mask."""
+    if input_layer is None:
+        embedding = _input_embedding(model)
+        ids = _check_ids(input_ids, embedding)
+        return embedding, ids, _check_mask(attention_mask, ids)
+    if not isinstance(input_layer, nn.Module) or not any(m is input_layer for m in model.modules()):
+        raise InputError("input_layer must be a submodule of the model")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() == 0:
+        raise InputError("with input_layer, the model input must be a tensor with a batch dimension")
+    if attention_mask is not None:
+        raise InputError("attention_mask is not supported together with input_layer")
+    return input_layer, input_ids, None
 
 
 def _input_embedding(model: nn.Module) -> nn.Embedding:

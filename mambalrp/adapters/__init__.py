@@ -3,6 +3,8 @@
 Built-in adapters, registered at import:
     * :class:`~mambalrp.adapters.hf_mamba.HFMambaMixerAdapter`: transformers Mamba-1 mixers.
     * :class:`~mambalrp.adapters.hf_mamba2.HFMamba2MixerAdapter`: transformers Mamba-2 mixers.
+    * :class:`~mambalrp.adapters.mamba_ssm_mamba1.MambaSSMMixerAdapter`: mamba_ssm Mamba-1 mixers.
+    * :class:`~mambalrp.adapters.vim.VimBiMambaAdapter`: Vision Mamba bidirectional mixers.
     * :class:`~mambalrp.adapters.norms.RMSNormAdapter`: RMSNorms.
     * :class:`~mambalrp.adapters.norms.LinearAdapter`: ``nn.Linear`` (epsilon / gamma rules only).
 
@@ -12,6 +14,8 @@ See ``docs/adapters.md`` for writing and registering a new one.
 from mambalrp.adapters.base import Adapter, has_attrs, mask_padding
 from mambalrp.adapters.hf_mamba import HFMambaMixerAdapter
 from mambalrp.adapters.hf_mamba2 import HFMamba2MixerAdapter
+from mambalrp.adapters.mamba_ssm_mamba1 import MambaSSMMixerAdapter
+from mambalrp.adapters.vim import VimBiMambaAdapter
 from mambalrp.adapters.norms import LinearAdapter, RMSNormAdapter
 from mambalrp.adapters.registry import (
     find_adapter,
@@ -21,7 +25,15 @@ from mambalrp.adapters.registry import (
     unregister_adapter,
 )
 
-for _adapter in (LinearAdapter(), RMSNormAdapter(), HFMambaMixerAdapter(), HFMamba2MixerAdapter()):
+_BUILTIN = (
+    LinearAdapter(),
+    RMSNormAdapter(),
+    HFMambaMixerAdapter(),
+    HFMamba2MixerAdapter(),
+    MambaSSMMixerAdapter(),
+    VimBiMambaAdapter(),
+)
+for _adapter in _BUILTIN:
     register_adapter(_adapter)
 
 __all__ = [
@@ -29,7 +41,9 @@ __all__ = [
     "HFMamba2MixerAdapter",
     "HFMambaMixerAdapter",
     "LinearAdapter",
+    "MambaSSMMixerAdapter",
     "RMSNormAdapter",
+    "VimBiMambaAdapter",
     "find_adapter",
     "has_attrs",
     "mask_padding",
