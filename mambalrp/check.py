@@ -40,7 +40,7 @@ LINEAR_NODES = frozenset(
     """Addmm Mm Bmm Mv Matmul Linear Addbmm Baddbmm Convolution ConvolutionBackwardOverrideable
     View UnsafeView Reshape ReshapeAlias Transpose T Permute Expand Squeeze Unsqueeze Split
     SplitWithSizes Unbind Slice SliceScatter Select SelectScatter Index IndexSelect IndexPut Gather
-    Scatter Cat Stack Clone ToCopy Copy CopySlices Add Sub Neg Sum Mean Cumsum Flip Roll Repeat
+    Scatter IndexAdd Cat Stack Clone ToCopy Copy CopySlices Add Sub Neg Sum Mean Cumsum Flip Roll Repeat
     RepeatInterleave ConstantPadNd Pad ReflectionPad1D Narrow AsStrided Alias Chunk Where
     MaskedFill MaskedScatter Tril Triu Diagonal Lift Detach Unfold Im2Col Col2Im UnsafeSplit
     Contiguous Einsum Tensordot Trace Diag SqueezeCopy ViewCopy""".split()
@@ -226,16 +226,29 @@ def _module_stack(model: nn.Module) -> Iterator[list[str]]:
 
 
 def _default_blocks(model: nn.Module, rules: RuleSet) -> list[str]:
-    names = {n for n, _ in model.named_modules()}
-    blocks: list[str] = []
+    """The residual blocks: for every matched mixer or attention layer, its nearest ancestor that
+    is an element of an ``nn.ModuleList`` (then every element of that list, so that MLP-only
+    blocks are included), else its parent."""
+    modules = dict(model.named_modules())
+    lists: list[str] = []
+    loose: list[str] = []
     for name, _, adapter in plan(model, rules):
         if getattr(adapter, "role", None) not in ("mixer", "attention"):
             continue
-        parent = name.rpartition(".")[0]
-        block = parent if parent in names and parent != "" else name
-        if block not in blocks:
-            blocks.append(block)
-    return blocks
+        parts = name.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            container = ".".join(parts[:i])
+            if isinstance(modules.get(container), nn.ModuleList):
+                if container not in lists:
+                    lists.append(container)
+                break
+        else:
+            parent = name.rpartition(".")[0]
+            block = parent if parent else name
+            if block not in loose:
+                loose.append(block)
+    blocks = [f"{c}.{child}" for c in lists for child, _ in modules[c].named_children()]
+    return blocks + [b for b in loose if not any(b == x or b.startswith(x + ".") for x in blocks)]
 
 
 def _first_tensor(output: Any) -> torch.Tensor | None:
@@ -305,16 +318,40 @@ def check_rules(
 
     records: dict[str, list[tuple[list[torch.Tensor], torch.Tensor]]] = {b: [] for b in block_names}
 
-    def recorder(name: str):
+    # Each tensor input of a block is replaced by an alias (a view) that only the block uses, so
+    # that the gradient at the alias counts the paths through the block alone, even when one input
+    # depends on another (e.g. Zamba2's layers also receive the embeddings).
+    pending: dict[str, list[list[torch.Tensor]]] = {b: [] for b in block_names}
+
+    def alias(t: Any, inputs: list[torch.Tensor]) -> Any:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            t = t.view_as(t)
+            inputs.append(t)
+        return t
+
+    def enter(name: str):
+        def hook(module, args, kwargs):
+            inputs: list[torch.Tensor] = []
+            args = tuple(alias(a, inputs) for a in args)
+            kwargs = {k: alias(v, inputs) for k, v in kwargs.items()}
+            pending[name].append(inputs)
+            return args, kwargs
+
+        return hook
+
+    def leave(name: str):
         def hook(module, args, kwargs, output):
-            inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.requires_grad]
+            inputs = pending[name].pop() if pending[name] else []
             out = _first_tensor(output)
             if out is not None and out.requires_grad:
                 records[name].append((inputs, out))
 
         return hook
 
-    handles = [modules[b].register_forward_hook(recorder(b), with_kwargs=True) for b in block_names]
+    handles = []
+    for b in block_names:
+        handles.append(modules[b].register_forward_pre_hook(enter(b), with_kwargs=True))
+        handles.append(modules[b].register_forward_hook(leave(b), with_kwargs=True))
     try:
         with _frozen(model), lrp(model, rule_set), _capture(embedding) as captured, _module_stack(model) as stack:
             with torch.enable_grad(), _Attribution(stack):

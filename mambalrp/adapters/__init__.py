@@ -5,16 +5,24 @@ Built-in adapters, registered at import:
     * :class:`~mambalrp.adapters.hf_mamba2.HFMamba2MixerAdapter`: transformers Mamba-2 mixers.
     * :class:`~mambalrp.adapters.mamba_ssm_mamba1.MambaSSMMixerAdapter`: mamba_ssm Mamba-1 mixers.
     * :class:`~mambalrp.adapters.vim.VimBiMambaAdapter`: Vision Mamba bidirectional mixers.
+    * :class:`~mambalrp.adapters.hf_attention.HFAttentionAdapter`: attention layers of hybrids.
+    * :class:`~mambalrp.adapters.mlp.GatedMLPAdapter`, :class:`~mambalrp.adapters.mlp.FusedGatedMLPAdapter`:
+      gated MLPs; :class:`~mambalrp.adapters.moe.ExpertsAdapter`: mixture-of-experts banks;
+      :class:`~mambalrp.adapters.activations.ActivationAdapter`: activations outside mixers.
     * :class:`~mambalrp.adapters.norms.RMSNormAdapter`: RMSNorms.
     * :class:`~mambalrp.adapters.norms.LinearAdapter`: ``nn.Linear`` (epsilon / gamma rules only).
 
 See ``docs/adapters.md`` for writing and registering a new one.
 """
 
+from mambalrp.adapters.activations import ActivationAdapter
 from mambalrp.adapters.base import Adapter, has_attrs, mask_padding
+from mambalrp.adapters.hf_attention import HFAttentionAdapter
 from mambalrp.adapters.hf_mamba import HFMambaMixerAdapter
 from mambalrp.adapters.hf_mamba2 import HFMamba2MixerAdapter
 from mambalrp.adapters.mamba_ssm_mamba1 import MambaSSMMixerAdapter
+from mambalrp.adapters.mlp import FusedGatedMLPAdapter, GatedMLPAdapter
+from mambalrp.adapters.moe import ExpertsAdapter
 from mambalrp.adapters.vim import VimBiMambaAdapter
 from mambalrp.adapters.norms import LinearAdapter, RMSNormAdapter
 from mambalrp.adapters.registry import (
@@ -27,7 +35,12 @@ from mambalrp.adapters.registry import (
 
 _BUILTIN = (
     LinearAdapter(),
+    ActivationAdapter(),
     RMSNormAdapter(),
+    GatedMLPAdapter(),
+    FusedGatedMLPAdapter(),
+    ExpertsAdapter(),
+    HFAttentionAdapter(),
     HFMambaMixerAdapter(),
     HFMamba2MixerAdapter(),
     MambaSSMMixerAdapter(),
@@ -37,7 +50,12 @@ for _adapter in _BUILTIN:
     register_adapter(_adapter)
 
 __all__ = [
+    "ActivationAdapter",
     "Adapter",
+    "ExpertsAdapter",
+    "FusedGatedMLPAdapter",
+    "GatedMLPAdapter",
+    "HFAttentionAdapter",
     "HFMamba2MixerAdapter",
     "HFMambaMixerAdapter",
     "LinearAdapter",
