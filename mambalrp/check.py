@@ -251,16 +251,20 @@ def _default_blocks(model: nn.Module, rules: RuleSet) -> list[str]:
     return blocks + [b for b in loose if not any(b == x or b.startswith(x + ".") for x in blocks)]
 
 
-def _first_tensor(output: Any) -> torch.Tensor | None:
+def _output_tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors a block passes on: a tensor, every tensor of a tuple (e.g. mamba_ssm's
+    ``(hidden_states, residual)``), or ``.hidden_states`` / ``.last_hidden_state``."""
     if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    for name in ("hidden_states", "last_hidden_state"):
-        value = getattr(output, name, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    return None
+        found = [output]
+    elif isinstance(output, (tuple, list)):
+        found = [t for t in output if isinstance(t, torch.Tensor)]
+    else:
+        found = [getattr(output, n) for n in ("hidden_states", "last_hidden_state") if isinstance(getattr(output, n, None), torch.Tensor)][:1]
+    unique: list[torch.Tensor] = []
+    for t in found:
+        if t.requires_grad and not any(t is u for u in unique):
+            unique.append(t)
+    return unique
 
 
 def _rows(t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -316,7 +320,7 @@ def check_rules(
     if missing:
         raise ValueError(f"no module called {missing[0]!r} in the model")
 
-    records: dict[str, list[tuple[list[torch.Tensor], torch.Tensor]]] = {b: [] for b in block_names}
+    records: dict[str, list[tuple[list[torch.Tensor], list[torch.Tensor]]]] = {b: [] for b in block_names}
 
     # Each tensor input of a block is replaced by an alias (a view) that only the block uses, so
     # that the gradient at the alias counts the paths through the block alone, even when one input
@@ -342,9 +346,17 @@ def check_rules(
     def leave(name: str):
         def hook(module, args, kwargs, output):
             inputs = pending[name].pop() if pending[name] else []
-            out = _first_tensor(output)
-            if out is not None and out.requires_grad:
-                records[name].append((inputs, out))
+            # Outputs are aliased too: downstream code sees only the aliases, so the gradient at an
+            # alias counts downstream uses alone, even when one output feeds another inside the
+            # block (mamba_ssm's Block returns (mixer(norm(residual)), residual)).
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                output = output.view_as(output)
+            elif isinstance(output, tuple) and not hasattr(output, "_fields"):
+                output = tuple(t.view_as(t) if isinstance(t, torch.Tensor) and t.requires_grad else t for t in output)
+            outs = _output_tensors(output)
+            if outs:
+                records[name].append((inputs, outs))
+            return output
 
         return hook
 
@@ -365,23 +377,30 @@ def check_rules(
                 score, _ = _select(selected, target)
                 emb = captured[0]
                 uncovered, n_nodes = _inspect(score)
-                pairs = [(b, ins, out) for b in block_names for ins, out in records[b]]
-                grads = torch.autograd.grad(
-                    score.sum(), [emb] + [out for _, _, out in pairs], retain_graph=True, allow_unused=True
-                )
+                pairs = [(b, ins, outs) for b in block_names for ins, outs in records[b]]
+                flat = [t for _, _, outs in pairs for t in outs]
+                grads = torch.autograd.grad(score.sum(), [emb] + flat, retain_graph=True, allow_unused=True)
+                out_grads = iter(grads[1:])
                 batch = ids.shape[0]
                 results: list[BlockConservation] = []
-                for (name, ins, out), g_out in zip(pairs, grads[1:]):
-                    if g_out is None:
+                seen_calls: dict[str, int] = {}
+                for name, ins, outs in pairs:
+                    g_outs = [next(out_grads) for _ in outs]
+                    used = [(o, g) for o, g in zip(outs, g_outs) if g is not None]
+                    if not used:
                         continue
-                    r_out = _rows(out * g_out, batch)
-                    r_in = torch.zeros(batch, dtype=torch.float64, device=out.device)
+                    r_out = sum((_rows(o * g, batch) for o, g in used), torch.zeros(batch, dtype=torch.float64, device=emb.device))
+                    r_in = torch.zeros(batch, dtype=torch.float64, device=emb.device)
                     if ins:
-                        g_ins = torch.autograd.grad(out, ins, g_out, retain_graph=True, allow_unused=True)
+                        g_ins = torch.autograd.grad(
+                            [o for o, _ in used], ins, [g for _, g in used], retain_graph=True, allow_unused=True
+                        )
                         for x, g in zip(ins, g_ins):
                             if g is not None:
                                 r_in = r_in + _rows(x * g, batch)
-                    suffix = "" if len(records[name]) == 1 else f"#{sum(1 for r in results if r.name.startswith(name))}"
+                    call = seen_calls.get(name, 0)
+                    seen_calls[name] = call + 1
+                    suffix = "" if len(records[name]) == 1 else f"#{call}"
                     results.append(BlockConservation(name + suffix, r_out.float(), r_in.float()))
                 total = _rows(emb * grads[0], batch) if grads[0] is not None else torch.zeros(batch, device=score.device)
     finally:

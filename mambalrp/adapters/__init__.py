@@ -4,6 +4,8 @@ Built-in adapters, registered at import:
     * :class:`~mambalrp.adapters.hf_mamba.HFMambaMixerAdapter`: transformers Mamba-1 mixers.
     * :class:`~mambalrp.adapters.hf_mamba2.HFMamba2MixerAdapter`: transformers Mamba-2 mixers.
     * :class:`~mambalrp.adapters.mamba_ssm_mamba1.MambaSSMMixerAdapter`: mamba_ssm Mamba-1 mixers.
+    * :class:`~mambalrp.adapters.mamba_ssm_mamba2.MambaSSMMamba2Adapter`: mamba_ssm Mamba-2 mixers,
+      and the layers around them in ``mamba_ssm_model`` (Block, MixerModel, GatedMLP, MHA).
     * :class:`~mambalrp.adapters.vim.VimBiMambaAdapter`: Vision Mamba bidirectional mixers.
     * :class:`~mambalrp.adapters.hf_attention.HFAttentionAdapter`: attention layers of hybrids.
     * :class:`~mambalrp.adapters.mlp.GatedMLPAdapter`, :class:`~mambalrp.adapters.mlp.FusedGatedMLPAdapter`:
@@ -21,6 +23,13 @@ from mambalrp.adapters.hf_attention import HFAttentionAdapter
 from mambalrp.adapters.hf_mamba import HFMambaMixerAdapter
 from mambalrp.adapters.hf_mamba2 import HFMamba2MixerAdapter
 from mambalrp.adapters.mamba_ssm_mamba1 import MambaSSMMixerAdapter
+from mambalrp.adapters.mamba_ssm_mamba2 import MambaSSMMamba2Adapter
+from mambalrp.adapters.mamba_ssm_model import (
+    MambaSSMAttentionAdapter,
+    MambaSSMBackboneAdapter,
+    MambaSSMBlockAdapter,
+    MambaSSMGatedMLPAdapter,
+)
 from mambalrp.adapters.mlp import FusedGatedMLPAdapter, GatedMLPAdapter
 from mambalrp.adapters.moe import ExpertsAdapter
 from mambalrp.adapters.vim import VimBiMambaAdapter
@@ -44,6 +53,11 @@ _BUILTIN = (
     HFMambaMixerAdapter(),
     HFMamba2MixerAdapter(),
     MambaSSMMixerAdapter(),
+    MambaSSMMamba2Adapter(),
+    MambaSSMBlockAdapter(),
+    MambaSSMBackboneAdapter(),
+    MambaSSMGatedMLPAdapter(),
+    MambaSSMAttentionAdapter(),
     VimBiMambaAdapter(),
 )
 for _adapter in _BUILTIN:
@@ -59,6 +73,11 @@ __all__ = [
     "HFMamba2MixerAdapter",
     "HFMambaMixerAdapter",
     "LinearAdapter",
+    "MambaSSMAttentionAdapter",
+    "MambaSSMBackboneAdapter",
+    "MambaSSMBlockAdapter",
+    "MambaSSMGatedMLPAdapter",
+    "MambaSSMMamba2Adapter",
     "MambaSSMMixerAdapter",
     "RMSNormAdapter",
     "VimBiMambaAdapter",
