@@ -367,7 +367,7 @@ def check_rules(
     try:
         with _frozen(model), lrp(model, rule_set), _capture(embedding) as captured, _module_stack(model) as stack:
             with torch.enable_grad(), _Attribution(stack):
-                output = _output_tensor(_call(model, ids, mask))
+                output = _output_tensor(_call(model, ids, mask, keep_from=None)[0])
             with torch.enable_grad():
                 if output.dim() == 3:
                     pos = _positions(position, mask, ids if input_layer is None else output[..., 0])

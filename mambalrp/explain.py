@@ -70,12 +70,18 @@ def explain(
     embedding, ids, mask = _inputs(model, input_ids, attention_mask, input_layer)
     plan(model, rule_set)  # fail before anything is touched
 
+    pos = _positions(position, mask, ids) if input_layer is None else None
     with _frozen(model), lrp(model, rule_set), _capture(embedding) as captured:
         with torch.enable_grad():
-            output = _output_tensor(_call(model, ids, mask))
+            output, first = _call(model, ids, mask, keep_from=None if pos is None else int(pos.min()))
+            output = _output_tensor(output)
             if output.dim() == 3:
-                pos = _positions(position, mask, ids if input_layer is None else output[..., 0])
-                selected = output[torch.arange(ids.shape[0], device=output.device), pos.to(output.device)]
+                if pos is None:  # input_layer: positions count along the output's sequence
+                    pos = _positions(position, None, output[..., 0])
+                    index = pos.to(output.device)
+                else:
+                    index = (pos - (ids.shape[1] - output.shape[1])).to(output.device) if first else pos.to(output.device)
+                selected = output[torch.arange(ids.shape[0], device=output.device), index]
             elif output.dim() == 2:
                 if position is not None:
                     raise InputError(
@@ -225,7 +231,14 @@ def _select(selected: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch
     return selected.gather(1, tgt[:, None]).squeeze(1), tgt
 
 
-def _call(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> Any:
+def _call(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, keep_from: int | None
+) -> tuple[Any, bool]:
+    """Call the model; return its output and whether only positions ``keep_from..`` were computed.
+
+    Models that accept ``logits_to_keep`` (HF causal LMs) compute the head only where needed,
+    which saves a ``(batch, seq, vocab)`` tensor and its gradient. ``keep_from=None`` keeps all.
+    """
     params = inspect.signature(model.forward).parameters
     var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     kwargs: dict[str, Any] = {}
@@ -235,7 +248,10 @@ def _call(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> Any
         if "attention_mask" not in params and not var_kw:
             raise InputError(f"{type(model).__name__}.forward takes no attention_mask")
         kwargs["attention_mask"] = mask
-    return model(ids, **kwargs)
+    trimmed = "logits_to_keep" in params and keep_from is not None
+    if trimmed:
+        kwargs["logits_to_keep"] = ids.shape[1] - keep_from
+    return model(ids, **kwargs), trimmed
 
 
 def _output_tensor(output: Any) -> torch.Tensor:

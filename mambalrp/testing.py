@@ -25,6 +25,10 @@ def tiny_mamba(
     from transformers import FalconMambaConfig, FalconMambaForCausalLM, MambaConfig, MambaForCausalLM
 
     cfg_cls, model_cls = (FalconMambaConfig, FalconMambaForCausalLM) if falcon else (MambaConfig, MambaForCausalLM)
+    if falcon:
+        # FalconMamba normalises dt over time_step_rank channels: a rank of 1 would make that
+        # norm a sign function, whose output flips on rounding noise.
+        config.setdefault("time_step_rank", 4)
     cfg = cfg_cls(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
