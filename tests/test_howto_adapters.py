@@ -48,6 +48,11 @@ def test_page_runs_and_its_claims_hold(page_namespace, capsys):
         logits = model(ids)[:, -1]
     torch.testing.assert_close(exp.logit, logits.max(-1).values)
     assert ns["gi_error"] > 10 * ns["relative_error"]
+    # Section 5's claim: with F.silu where R.act stands, check_rules names it in every mixer.
+    leaky = mambalrp.check_rules(model, ids, rules=mambalrp.MAMBALRP.without("silu"))
+    flagged = {(u.op, u.module) for u in leaky.uncovered}
+    assert {("SiluBackward0", "layers.0.mixer"), ("SiluBackward0", "layers.1.mixer")} <= flagged
+    assert {b.name for b in leaky.leaking_blocks} == {"layers.0", "layers.1"}
     # After unregistering, the model is unsupported again.
     mambalrp.unregister_adapter("toy-mixer")
     with pytest.raises(mambalrp.UnsupportedModelError, match="docs/adapters.md"):

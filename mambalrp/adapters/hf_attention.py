@@ -12,6 +12,7 @@ the call.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -87,7 +88,7 @@ class HFAttentionAdapter(Adapter):
     def matches(self, module: nn.Module) -> bool:
         if not has_attrs(module, "q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "config"):
             return False
-        code = getattr(type(module).forward, "__code__", None)
+        code = getattr(inspect.unwrap(type(module).forward), "__code__", None)
         return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
 
     def forward(self, module: nn.Module, ctx: LRPContext, *args: Any, **kwargs: Any) -> Any:

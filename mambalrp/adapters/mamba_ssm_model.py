@@ -40,16 +40,17 @@ def _is_mamba_ssm_norm(norm: Any) -> bool:
 
 
 class MambaSSMBlockAdapter(Adapter):
-    """mamba_ssm ``Block``: ``residual = h + residual; h = mixer(norm(residual)); [MLP likewise]``."""
+    """mamba_ssm ``Block``: ``residual = h + residual; h = mixer(norm(residual)); [MLP likewise]``.
+
+    Also Vision Mamba's ``Block`` (no MLP, ``drop_path`` on the mixer output before the add)."""
 
     name = "mamba-ssm-block"
     family = "mamba_ssm Block"
     role = "other"
 
     def matches(self, module: nn.Module) -> bool:
-        return (
-            has_attrs(module, "norm", "mixer", "mlp", "fused_add_norm", "residual_in_fp32")
-            and _is_mamba_ssm_norm(module.norm)
+        return has_attrs(module, "norm", "mixer", "fused_add_norm", "residual_in_fp32") and _is_mamba_ssm_norm(
+            module.norm
         )
 
     def forward(
@@ -65,12 +66,16 @@ class MambaSSMBlockAdapter(Adapter):
             raise MambaLRPError("explaining with inference_params (a recurrent cache) is not supported")
         mixer_kwargs.pop("use_cache", None)
         R = ctx.rules
-        residual = hidden_states + residual if residual is not None else hidden_states
+        if residual is None:
+            residual = hidden_states
+        else:  # Vision Mamba's blocks drop paths here (the identity in eval mode)
+            drop_path = getattr(module, "drop_path", None)
+            residual = residual + (drop_path(hidden_states) if drop_path is not None else hidden_states)
         hidden_states = norm_lrp(R, module.norm, residual.to(module.norm.weight.dtype))
         if module.residual_in_fp32:
             residual = residual.to(torch.float32)
         hidden_states = module.mixer(hidden_states, **mixer_kwargs)
-        if module.mlp is not None:
+        if getattr(module, "mlp", None) is not None:
             residual = hidden_states + residual
             hidden_states = norm_lrp(R, module.norm2, residual.to(module.norm2.weight.dtype))
             if module.residual_in_fp32:
