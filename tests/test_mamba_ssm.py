@@ -27,9 +27,7 @@ import mambalrp
 from mambalrp.testing import tiny_mamba, tiny_mamba2
 
 
-def _install_cpu_standin() -> None:
-    if "selective_scan_cuda" in sys.modules or importlib.util.find_spec("selective_scan_cuda") is not None:
-        return
+def _cpu_standin() -> types.ModuleType:
     standin = types.ModuleType("selective_scan_cuda")
 
     def fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
@@ -40,14 +38,36 @@ def _install_cpu_standin() -> None:
         return (out, x) if z is None else (out, x, out * torch.nn.functional.silu(z))
 
     standin.fwd = fwd
-    sys.modules["selective_scan_cuda"] = standin
+    return standin
 
 
 if importlib.util.find_spec("mamba_ssm") is None:
     pytest.skip("mamba_ssm is not installed", allow_module_level=True)
-_install_cpu_standin()
-from mamba_ssm.models.config_mamba import MambaConfig  # noqa: E402
-from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mamba_ssm_classes():
+    """Import mamba_ssm with the stand-in for the duration of this module only, then remove both
+    from ``sys.modules``: while mamba_ssm imports, transformers routes its own Mamba forwards to
+    mamba_ssm's GPU kernels, which other test modules must not see."""
+    global MambaConfig, MambaLMHeadModel
+    has_extension = importlib.util.find_spec("selective_scan_cuda") is not None
+    before = set(sys.modules)
+    if not has_extension:
+        sys.modules["selective_scan_cuda"] = _cpu_standin()
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    try:
+        yield
+    finally:
+        if not has_extension:
+            for name in set(sys.modules) - before:
+                if name == "selective_scan_cuda" or name.split(".")[0] == "mamba_ssm":
+                    del sys.modules[name]
+
+
+MambaConfig = MambaLMHeadModel = None  # set by the fixture
 
 IDS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
 CP = mambalrp.MAMBALRP.with_attention("cp")
@@ -61,7 +81,7 @@ def _zero_biases(model):
     return model
 
 
-def _from_hf(hf, **cfg) -> MambaLMHeadModel:
+def _from_hf(hf, **cfg):
     """The HF model's weights in a mamba_ssm model (same parameter names but the embedding)."""
     model = MambaLMHeadModel(MambaConfig(pad_vocab_size_multiple=1, tie_embeddings=False, **cfg)).eval()
     state = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in hf.state_dict().items()}
