@@ -61,3 +61,20 @@ def test_rules_cover_the_graph_and_conserve(hybrid):
     attn = mambalrp.explain(model, IDS)  # default: AttnLRP on attention
     torch.testing.assert_close(attn.logit, report.logit)
     assert 1e-4 < _relative(attn) < 0.5
+
+
+def test_left_padding(hybrid):
+    """A padded row: real tokens unchanged under lrp(), no NaN from fully masked query rows,
+    padding gets no relevance, conservation holds (CP attention)."""
+    _, model = hybrid
+    mask = torch.ones_like(IDS)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        ref = model(IDS, attention_mask=mask, use_cache=False).logits
+        with mambalrp.lrp(model):
+            patched = model(IDS, attention_mask=mask, use_cache=False).logits
+    assert (patched - ref)[mask.bool()].abs().max().item() <= 1e-5
+    exp = mambalrp.explain(model, IDS, attention_mask=mask, rules=CP)
+    assert torch.isfinite(exp.relevance).all()
+    assert torch.all(exp.relevance[0, :3] == 0)
+    assert _relative(exp) <= 1e-4

@@ -74,7 +74,9 @@ def _masked(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None:
         return scores
     if mask.dtype == torch.bool:
-        return scores.masked_fill(~mask, float("-inf"))
+        # The most negative finite value, as transformers' eager masks: a fully masked row (a
+        # padded query) then gets uniform weights instead of NaNs that would reach real tokens.
+        return scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     return scores + mask[..., : scores.shape[-1]]
 
 
