@@ -10,10 +10,11 @@ Two independent checks on one forward pass under :func:`mambalrp.lrp`:
    softmax, exp, a product of two signals, a normaliser that depends on its input) is listed as
    *uncovered*: there the backward pass is a true gradient that does not conserve relevance.
    Each uncovered node is attributed to the innermost module whose forward created it.
-2. **Conservation per block.** For each block (by default the parent of every matched mixer or
-   attention layer, e.g. ``backbone.layers.3``), the relevance that leaves the block
-   (``output * grad``) is compared with the relevance that enters it (``input * grad``, over all
-   its tensor inputs, with the gradient propagated through the block alone).
+2. **Conservation per block.** For each block (by default every residual block, e.g.
+   ``backbone.layers.3``), the relevance that leaves the block (``output * grad`` over its tensor
+   outputs) is compared with the relevance that enters it (``input * grad`` over its tensor
+   inputs). Inputs and outputs are aliased at the block boundary so that only paths through the
+   block itself are counted.
 
 Biases on the relevance path absorb relevance by design: zero them (see
 :func:`mambalrp.testing.zero_biases`) before reading the conservation part as a test.
@@ -31,6 +32,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from mambalrp.context import lrp, plan
+from mambalrp.errors import UnsupportedModelError
 from mambalrp.explain import Target, _call, _capture, _frozen, _inputs, _output_tensor, _positions, _select
 from mambalrp.rules import RuleSet, get_rules
 
@@ -125,6 +127,7 @@ class RuleReport:
         input_relevance: ``(batch,)`` total relevance at the input embedding.
         rtol: Relative tolerance used by :attr:`ok`.
         nodes: Number of backward nodes inspected.
+        notes: Remarks for the reader (biases that absorb relevance, no block found).
     """
 
     rules: str
@@ -304,8 +307,9 @@ def check_rules(
         position: Position to explain (as for :func:`mambalrp.explain`).
         attention_mask: Optional ``(batch, seq)`` padding mask.
         rules: Rule set to check.
-        blocks: Qualified names of the modules whose conservation to measure. Default: the parent
-            of every matched mixer (and attention layer), i.e. the residual blocks.
+        blocks: Qualified names of the modules whose conservation to measure. Default: the residual
+            blocks, i.e. every element of the ``nn.ModuleList`` that holds the matched mixers and
+            attention layers (a matched layer outside such a list contributes its parent).
         rtol: Relative tolerance of :attr:`RuleReport.ok`.
         input_layer: Module whose output is the explained input (as for :func:`mambalrp.explain`).
 
@@ -375,6 +379,8 @@ def check_rules(
                 else:
                     selected = output
                 score, _ = _select(selected, target)
+                if not captured:
+                    raise UnsupportedModelError("the model's forward never called its input embedding")
                 emb = captured[0]
                 uncovered, n_nodes = _inspect(score)
                 pairs = [(b, ins, outs) for b in block_names for ins, outs in records[b]]
