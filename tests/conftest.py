@@ -8,6 +8,9 @@ import pytest
 import torch
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+if not torch.cuda.is_available():
+    # Triton kernels run under its interpreter on CPU; Triton reads this when it is first imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 from mambalrp.testing import tiny_mamba, tiny_mamba2  # noqa: E402
