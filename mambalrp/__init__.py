@@ -9,6 +9,7 @@ Quick start::
 """
 
 from mambalrp.adapters import Adapter, register_adapter, registered_adapters, supported_families, unregister_adapter
+from mambalrp.check import RuleReport, check_rules
 from mambalrp.context import LRPContext, lrp
 from mambalrp.errors import InputError, MambaLRPError, UnsupportedModelError
 from mambalrp.explain import explain
@@ -30,8 +31,10 @@ __all__ = [
     "InputError",
     "LRPContext",
     "MambaLRPError",
+    "RuleReport",
     "RuleSet",
     "UnsupportedModelError",
+    "check_rules",
     "explain",
     "get_rules",
     "lrp",

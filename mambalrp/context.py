@@ -85,13 +85,42 @@ def plan(model: nn.Module, rules: RuleSet) -> list[tuple[str, nn.Module, object]
                 f"Register one with mambalrp.register_adapter (see {HOWTO})."
             )
     if mixers == 0:
+        first = first_unmatched(model)
+        where = f" The first module no adapter matches is {first[0]!r} ({type(first[1]).__name__})." if first else ""
         raise UnsupportedModelError(
-            f"{type(model).__name__} contains no Mamba layer that mambalrp recognises. "
+            f"{type(model).__name__} contains no Mamba layer that mambalrp recognises.{where} "
             f"Supported families: {'; '.join(supported_families())}. "
-            f"To explain another architecture, register an adapter with mambalrp.register_adapter "
-            f"(see {HOWTO})."
+            f"To explain another architecture, write an adapter and register it with "
+            f"mambalrp.register_adapter (see {HOWTO})."
         )
     return out
+
+
+def _is_torch_builtin(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("torch.")
+
+
+def first_unmatched(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The first module that likely needs an adapter: a custom module with parameters of its own
+    subtree, no custom module below it, and no matching adapter.
+
+    Custom means not a class of ``torch`` itself (``nn.Linear``, ``nn.Conv1d`` and the like run
+    under the plain gradient, which is LRP-0). Returns ``(qualified_name, module)`` or ``None``.
+    """
+    from mambalrp.adapters import find_adapter
+
+    matched: list[str] = []
+    for name, module in model.named_modules():
+        if module is model or any(name.startswith(p + ".") for p in matched):
+            continue
+        if find_adapter(module) is not None:
+            matched.append(name)
+            continue
+        if _is_torch_builtin(module) or next(module.parameters(), None) is None:
+            continue
+        if all(_is_torch_builtin(m) for m in module.modules() if m is not module):
+            return name, module
+    return None
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ def explain(
     attention_mask: torch.Tensor | None = None,
     rules: str | RuleSet = "mambalrp",
     return_hidden: bool = False,
+    input_layer: nn.Module | None = None,
 ) -> Explanation:
     """Explain one output of ``model`` per batch item with MambaLRP.
 
@@ -51,6 +52,12 @@ def explain(
         rules: ``"mambalrp"`` (default), ``"gradient"`` (Gradient x Input), ``"ln-only"``, or a
             :class:`~mambalrp.rules.RuleSet`.
         return_hidden: Also return ``(batch, seq, d_model)`` per-dimension relevance.
+        input_layer: Read relevance at the output of this module instead of the input embedding,
+            for models whose inputs are not token ids (e.g. the patch embedding of a Vision Mamba
+            classifier). ``input_ids`` is then any tensor the model takes as its first argument
+            (e.g. pixel values), the module's output should be ``(batch, tokens, dim)``, relevance
+            is summed over its last dimension, and ``attention_mask`` must be ``None``. The
+            explanation's ``input_ids`` field then holds that input tensor.
 
     Returns:
         An :class:`~mambalrp.explanation.Explanation`.
@@ -60,18 +67,20 @@ def explain(
         InputError: Invalid ids, mask, position or target.
     """
     rule_set = get_rules(rules)
-    embedding = _input_embedding(model)
-    ids = _check_ids(input_ids, embedding)
-    mask = _check_mask(attention_mask, ids)
+    embedding, ids, mask = _inputs(model, input_ids, attention_mask, input_layer)
     plan(model, rule_set)  # fail before anything is touched
 
-    pos = _positions(position, mask, ids)
+    pos = _positions(position, mask, ids) if input_layer is None else None
     with _frozen(model), lrp(model, rule_set), _capture(embedding) as captured:
         with torch.enable_grad():
-            output, first = _call(model, ids, mask, keep_from=int(pos.min()))
+            output, first = _call(model, ids, mask, keep_from=None if pos is None else int(pos.min()))
             output = _output_tensor(output)
             if output.dim() == 3:
-                index = (pos - (ids.shape[1] - output.shape[1])).to(output.device) if first else pos.to(output.device)
+                if pos is None:  # input_layer: positions count along the output's sequence
+                    pos = _positions(position, None, output[..., 0])
+                    index = pos.to(output.device)
+                else:
+                    index = (pos - (ids.shape[1] - output.shape[1])).to(output.device) if first else pos.to(output.device)
                 selected = output[torch.arange(ids.shape[0], device=output.device), index]
             elif output.dim() == 2:
                 if position is not None:
@@ -99,6 +108,23 @@ def explain(
         rules=rule_set.name,
         hidden_relevance=hidden if return_hidden else None,
     )
+
+
+def _inputs(
+    model: nn.Module, input_ids: Any, attention_mask: Any, input_layer: nn.Module | None
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
+    """The module whose output is explained, the checked inputs and the checked mask."""
+    if input_layer is None:
+        embedding = _input_embedding(model)
+        ids = _check_ids(input_ids, embedding)
+        return embedding, ids, _check_mask(attention_mask, ids)
+    if not isinstance(input_layer, nn.Module) or not any(m is input_layer for m in model.modules()):
+        raise InputError("input_layer must be a submodule of the model")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() == 0:
+        raise InputError("with input_layer, the model input must be a tensor with a batch dimension")
+    if attention_mask is not None:
+        raise InputError("attention_mask is not supported together with input_layer")
+    return input_layer, input_ids, None
 
 
 def _input_embedding(model: nn.Module) -> nn.Embedding:
@@ -205,11 +231,13 @@ def _select(selected: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch
     return selected.gather(1, tgt[:, None]).squeeze(1), tgt
 
 
-def _call(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, keep_from: int) -> tuple[Any, bool]:
+def _call(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, keep_from: int | None
+) -> tuple[Any, bool]:
     """Call the model; return its output and whether only positions ``keep_from..`` were computed.
 
     Models that accept ``logits_to_keep`` (HF causal LMs) compute the head only where needed,
-    which saves a ``(batch, seq, vocab)`` tensor and its gradient.
+    which saves a ``(batch, seq, vocab)`` tensor and its gradient. ``keep_from=None`` keeps all.
     """
     params = inspect.signature(model.forward).parameters
     var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -220,7 +248,7 @@ def _call(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, keep_f
         if "attention_mask" not in params and not var_kw:
             raise InputError(f"{type(model).__name__}.forward takes no attention_mask")
         kwargs["attention_mask"] = mask
-    trimmed = "logits_to_keep" in params
+    trimmed = "logits_to_keep" in params and keep_from is not None
     if trimmed:
         kwargs["logits_to_keep"] = ids.shape[1] - keep_from
     return model(ids, **kwargs), trimmed

@@ -22,7 +22,10 @@ import torch.nn.functional as F
 
 from mambalrp import functional as ops
 
-Component = Literal["silu", "gate", "norm", "ssm"]
+from mambalrp.functional.attention import AttentionRule
+
+Component = Literal["silu", "gate", "norm", "ssm", "attention"]
+_ATTENTION_RULES = ("attnlrp", "cp", "gradient")
 
 
 @dataclass(frozen=True)
@@ -61,11 +64,15 @@ class RuleSet:
 
     Attributes:
         name: Label reported in explanations.
-        silu: Identity rule for SiLU (else its gradient).
-        gate: Half rule for multiplicative gates (else the product's gradient).
+        silu: Identity rule for SiLU and the other element-wise activations (else their gradient).
+        gate: Half rule for multiplicative gates and MLP gates, uniform rule for other products of
+            two signals, MoE routing weights held constant (else the products' gradients).
         norm: LN-rule for RMSNorms (else the gradient through the normaliser).
         ssm: SSM rule for the scans (else the gradient through dt, B, C and the decays).
         linear: Rule for ``nn.Linear`` layers and the depthwise conv1d.
+        attention_rule: Rule for softmax attention in hybrid models: ``"attnlrp"`` (AttnLRP: uniform
+            rule on both matrix products, softmax rule; the softmax does not conserve exactly),
+            ``"cp"`` (attention weights constant; conserves exactly) or ``"gradient"``.
     """
 
     name: str = "mambalrp"
@@ -74,14 +81,24 @@ class RuleSet:
     norm: bool = True
     ssm: bool = True
     linear: LinearRule = LRP0()
+    attention_rule: AttentionRule = "attnlrp"
 
     def without(self, *components: Component) -> RuleSet:
         """Return a copy with the named rules replaced by the plain gradient (for ablations)."""
         for c in components:
-            if c not in ("silu", "gate", "norm", "ssm"):
-                raise ValueError(f"unknown component {c!r}; expected silu, gate, norm or ssm")
+            if c not in ("silu", "gate", "norm", "ssm", "attention"):
+                raise ValueError(f"unknown component {c!r}; expected silu, gate, norm, ssm or attention")
         name = self.name + "".join(f"-no-{c}" for c in components)
-        return dataclasses.replace(self, name=name, **{c: False for c in components})
+        changes: dict[str, object] = {c: False for c in components if c != "attention"}
+        if "attention" in components:
+            changes["attention_rule"] = "gradient"
+        return dataclasses.replace(self, name=name, **changes)
+
+    def with_attention(self, rule: AttentionRule) -> RuleSet:
+        """Return a copy that uses ``rule`` (``"attnlrp"``, ``"cp"`` or ``"gradient"``) on attention."""
+        if rule not in _ATTENTION_RULES:
+            raise ValueError(f"attention rule must be one of {_ATTENTION_RULES}; got {rule!r}")
+        return dataclasses.replace(self, name=f"{self.name}-attn-{rule}", attention_rule=rule)
 
     def with_linear(self, rule: LinearRule) -> RuleSet:
         """Return a copy that uses ``rule`` on linear layers."""
@@ -103,6 +120,26 @@ class RuleSet:
     def mul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Multiplicative gate ``a * b``."""
         return ops.half_gate(a, b) if self.gate else a * b
+
+    def activation(self, x: torch.Tensor, fn) -> torch.Tensor:
+        """Any element-wise activation ``fn`` with ``fn(0) = 0`` (GELU, ReLU, squared ReLU, ...)."""
+        return ops.identity_rule(x, fn) if self.silu else fn(x)
+
+    def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Product ``a @ b`` of two signals (uniform rule)."""
+        return ops.uniform_matmul(a, b) if self.gate else a @ b
+
+    def routing_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """Mixture-of-experts routing weights: constants under the rules."""
+        return t.detach() if self.gate else t
+
+    def attention(self, query, key, value, mask, scaling: float, is_causal: bool = False):
+        """Scaled dot-product attention under :attr:`attention_rule` (see :mod:`mambalrp.functional.attention`).
+
+        Returns:
+            ``(output (b, h, Tq, d), weights (b, h, Tq, Tk))``.
+        """
+        return ops.attention(query, key, value, mask, scaling, is_causal=is_causal, rule=self.attention_rule)
 
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int | None = None):
         """RMSNorm ``weight * x / rms(x)`` (per group of ``group_size`` channels)."""
@@ -146,8 +183,8 @@ class RuleSet:
 
 
 MAMBALRP = RuleSet()
-GRADIENT = RuleSet(name="gradient", silu=False, gate=False, norm=False, ssm=False)
-LN_ONLY = RuleSet(name="ln-only", silu=False, gate=False, norm=True, ssm=False)
+GRADIENT = RuleSet(name="gradient", silu=False, gate=False, norm=False, ssm=False, attention_rule="gradient")
+LN_ONLY = RuleSet(name="ln-only", silu=False, gate=False, norm=True, ssm=False, attention_rule="gradient")
 
 PRESETS: dict[str, RuleSet] = {
     "mambalrp": MAMBALRP,

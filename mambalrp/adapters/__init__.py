@@ -3,15 +3,36 @@
 Built-in adapters, registered at import:
     * :class:`~mambalrp.adapters.hf_mamba.HFMambaMixerAdapter`: transformers Mamba-1 mixers.
     * :class:`~mambalrp.adapters.hf_mamba2.HFMamba2MixerAdapter`: transformers Mamba-2 mixers.
+    * :class:`~mambalrp.adapters.mamba_ssm_mamba1.MambaSSMMixerAdapter`: mamba_ssm Mamba-1 mixers.
+    * :class:`~mambalrp.adapters.mamba_ssm_mamba2.MambaSSMMamba2Adapter`: mamba_ssm Mamba-2 mixers,
+      and the layers around them in ``mamba_ssm_model`` (Block, MixerModel, GatedMLP, MHA).
+    * :class:`~mambalrp.adapters.vim.VimBiMambaAdapter`: Vision Mamba bidirectional mixers.
+    * :class:`~mambalrp.adapters.hf_attention.HFAttentionAdapter`: attention layers of hybrids.
+    * :class:`~mambalrp.adapters.mlp.GatedMLPAdapter`, :class:`~mambalrp.adapters.mlp.FusedGatedMLPAdapter`:
+      gated MLPs; :class:`~mambalrp.adapters.moe.ExpertsAdapter`: mixture-of-experts banks;
+      :class:`~mambalrp.adapters.activations.ActivationAdapter`: activations outside mixers.
     * :class:`~mambalrp.adapters.norms.RMSNormAdapter`: RMSNorms.
     * :class:`~mambalrp.adapters.norms.LinearAdapter`: ``nn.Linear`` (epsilon / gamma rules only).
 
 See ``docs/adapters.md`` for writing and registering a new one.
 """
 
+from mambalrp.adapters.activations import ActivationAdapter
 from mambalrp.adapters.base import Adapter, has_attrs, mask_padding
+from mambalrp.adapters.hf_attention import HFAttentionAdapter
 from mambalrp.adapters.hf_mamba import HFMambaMixerAdapter
 from mambalrp.adapters.hf_mamba2 import HFMamba2MixerAdapter
+from mambalrp.adapters.mamba_ssm_mamba1 import MambaSSMMixerAdapter
+from mambalrp.adapters.mamba_ssm_mamba2 import MambaSSMMamba2Adapter
+from mambalrp.adapters.mamba_ssm_model import (
+    MambaSSMAttentionAdapter,
+    MambaSSMBackboneAdapter,
+    MambaSSMBlockAdapter,
+    MambaSSMGatedMLPAdapter,
+)
+from mambalrp.adapters.mlp import FusedGatedMLPAdapter, GatedMLPAdapter
+from mambalrp.adapters.moe import ExpertsAdapter
+from mambalrp.adapters.vim import VimBiMambaAdapter
 from mambalrp.adapters.norms import LinearAdapter, RMSNormAdapter
 from mambalrp.adapters.registry import (
     find_adapter,
@@ -21,15 +42,45 @@ from mambalrp.adapters.registry import (
     unregister_adapter,
 )
 
-for _adapter in (LinearAdapter(), RMSNormAdapter(), HFMambaMixerAdapter(), HFMamba2MixerAdapter()):
+_BUILTIN = (
+    LinearAdapter(),
+    ActivationAdapter(),
+    RMSNormAdapter(),
+    GatedMLPAdapter(),
+    FusedGatedMLPAdapter(),
+    ExpertsAdapter(),
+    HFAttentionAdapter(),
+    HFMambaMixerAdapter(),
+    HFMamba2MixerAdapter(),
+    MambaSSMMixerAdapter(),
+    MambaSSMMamba2Adapter(),
+    MambaSSMBlockAdapter(),
+    MambaSSMBackboneAdapter(),
+    MambaSSMGatedMLPAdapter(),
+    MambaSSMAttentionAdapter(),
+    VimBiMambaAdapter(),
+)
+for _adapter in _BUILTIN:
     register_adapter(_adapter)
 
 __all__ = [
+    "ActivationAdapter",
     "Adapter",
+    "ExpertsAdapter",
+    "FusedGatedMLPAdapter",
+    "GatedMLPAdapter",
+    "HFAttentionAdapter",
     "HFMamba2MixerAdapter",
     "HFMambaMixerAdapter",
     "LinearAdapter",
+    "MambaSSMAttentionAdapter",
+    "MambaSSMBackboneAdapter",
+    "MambaSSMBlockAdapter",
+    "MambaSSMGatedMLPAdapter",
+    "MambaSSMMamba2Adapter",
+    "MambaSSMMixerAdapter",
     "RMSNormAdapter",
+    "VimBiMambaAdapter",
     "find_adapter",
     "has_attrs",
     "mask_padding",

@@ -11,7 +11,7 @@ from torch import nn
 if TYPE_CHECKING:
     from mambalrp.context import LRPContext
 
-Role = Literal["mixer", "norm", "linear", "other"]
+Role = Literal["mixer", "attention", "norm", "linear", "other"]
 
 
 class Adapter(ABC):
@@ -26,8 +26,9 @@ class Adapter(ABC):
     Attributes:
         name: Unique identifier, e.g. ``"hf-mamba-mixer"``.
         family: Human-readable model family, listed in error messages.
-        role: ``"mixer"`` for a sequence mixer (an SSM layer), ``"norm"``, ``"linear"`` or
-            ``"other"``. A model is supported when at least one mixer is matched.
+        role: ``"mixer"`` for a sequence mixer (an SSM layer), ``"attention"`` for a softmax
+            attention layer, ``"norm"``, ``"linear"`` or ``"other"``. A model is supported when at
+            least one mixer is matched.
     """
 
     name: ClassVar[str]

@@ -12,6 +12,16 @@ propagate relevance when autograd chains their gradients, and ``embedding * grad
 is the explanation.
 """
 
+from mambalrp.functional.activation import IdentityRuleFn, identity_rule, identity_rule_ref
+from mambalrp.functional.attention import (
+    SoftmaxLRPFn,
+    UniformMatmulFn,
+    attention,
+    softmax_lrp,
+    softmax_lrp_ref,
+    uniform_matmul,
+    uniform_matmul_ref,
+)
 from mambalrp.functional.gate import HalfGateFn, half_gate, half_gate_ref
 from mambalrp.functional.linear import (
     EpsilonLinearFn,
@@ -43,10 +53,14 @@ __all__ = [
     "EpsilonLinearFn",
     "GammaLinearFn",
     "HalfGateFn",
+    "IdentityRuleFn",
     "RMSNormLRPFn",
     "SSDScanLRPFn",
     "SelectiveScanLRPFn",
     "SiLUIdentityFn",
+    "SoftmaxLRPFn",
+    "UniformMatmulFn",
+    "attention",
     "causal_conv1d",
     "epsilon_linear",
     "epsilon_linear_ref",
@@ -56,6 +70,8 @@ __all__ = [
     "gated_rmsnorm_ref",
     "half_gate",
     "half_gate_ref",
+    "identity_rule",
+    "identity_rule_ref",
     "rmsnorm",
     "rmsnorm_lrp",
     "rmsnorm_lrp_ref",
@@ -64,7 +80,11 @@ __all__ = [
     "selective_scan_ref",
     "silu_identity",
     "silu_identity_ref",
+    "softmax_lrp",
+    "softmax_lrp_ref",
     "ssd_scan",
     "ssd_scan_lrp",
     "ssd_scan_ref",
+    "uniform_matmul",
+    "uniform_matmul_ref",
 ]

@@ -1,0 +1,91 @@
+"""Tiny random transformers hybrids (Mamba layers mixed with attention, MLPs and MoE).
+
+Importable from test modules because pytest puts ``tests/`` on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import transformers as T
+
+
+def jamba() -> T.PreTrainedModel:
+    """Mamba-1 (with dt/B/C norms), attention without rotary, gated MLP and MoE layers."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = T.JambaConfig(
+            vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, expert_layer_period=2,
+            expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=4, mamba_d_conv=4,
+            mamba_expand=2, mamba_dt_rank=4,
+        )
+    return T.JambaForCausalLM(cfg)
+
+
+def bamba() -> T.PreTrainedModel:
+    """Mamba-2 layers and one rotary attention layer, gated MLPs."""
+    cfg = T.BambaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=8, mamba_n_groups=2,
+        mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=8,
+    )
+    return T.BambaForCausalLM(cfg)
+
+
+def nemotron_h() -> T.PreTrainedModel:
+    """Mamba-2, attention, squared-ReLU MLP and MoE blocks."""
+    cfg = T.NemotronHConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=4, mamba_num_heads=4, mamba_head_dim=8, n_groups=2, ssm_state_size=8, chunk_size=8,
+        layers_block_type=["mamba", "attention", "mlp", "mamba", "moe"], n_routed_experts=4,
+        moe_intermediate_size=16, moe_shared_expert_intermediate_size=16, num_experts_per_tok=2, n_group=1,
+        topk_group=1,
+    )
+    return T.NemotronHForCausalLM(cfg)
+
+
+def zamba2() -> T.PreTrainedModel:
+    """Mamba-2 layers and shared attention blocks fed with the embeddings, LoRA adapters, rotary."""
+    cfg = T.Zamba2Config(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, mamba_d_state=8, mamba_headdim=8, mamba_ngroups=2, n_mamba_heads=4, chunk_size=8,
+        layers_block_type=["mamba", "hybrid", "mamba", "hybrid"], num_mem_blocks=1, adapter_rank=4,
+        use_shared_attention_adapter=True, use_mem_rope=True,
+    )
+    return T.Zamba2ForCausalLM(cfg)
+
+
+def granitemoehybrid() -> T.PreTrainedModel:
+    """Mamba-2 and rotary attention layers, MoE plus shared MLP, Granite's multipliers."""
+    cfg = T.GraniteMoeHybridConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, shared_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        layer_types=["mamba", "attention", "mamba"], mamba_n_heads=4, mamba_d_head=8, mamba_n_groups=2,
+        mamba_d_state=8, mamba_chunk_size=8, position_embedding_type="rope",
+    )
+    return T.GraniteMoeHybridForCausalLM(cfg)
+
+
+HYBRIDS = {f.__name__: f for f in (jamba, bamba, nemotron_h, zamba2, granitemoehybrid)}
+
+
+def make(family: str, seed: int = 0, zero_biases: bool = False) -> torch.nn.Module:
+    """A randomised tiny model of ``family`` in eval mode (weights large enough that every layer matters)."""
+    model = HYBRIDS[family]()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(torch.rand(p.shape, generator=gen) * 2.0 - 1.0)
+            elif name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(("dt_bias", "dt_proj.bias")):
+                p.copy_(torch.rand(p.shape, generator=gen) * 2.0 - 3.0)
+            elif name.endswith("bias"):
+                p.copy_(0.0 if zero_biases else 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                fan_in = p.shape[-1] if p.dim() > 1 else 1
+                p.copy_(torch.randn(p.shape, generator=gen) / max(1.0, fan_in**0.5))
+    return model.eval()
