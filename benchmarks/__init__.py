@@ -1,0 +1,1 @@
+"""Benchmarks and the scripts that build the model zoo."""
