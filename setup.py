@@ -12,6 +12,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["mambalrp", "mambalrp.*"]) + ["mambalrp.kernels"],
     package_dir={"mambalrp.kernels": "kernels"},
+    package_data={"mambalrp": ["assets/zoo/*/*"]},
     install_requires=["torch>=2.1", "numpy>=1.24"],
     extras_require={
         "transformers": ["transformers>=4.44"],
