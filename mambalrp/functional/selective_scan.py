@@ -9,8 +9,7 @@ The SSM rule treats ``dt``, ``Abar = exp(dt * A)``, ``Bbar = dt * B`` and ``C`` 
 
     s_t = Abar_{t+1} * s_{t+1} + C_t * g_t                  dx_t = Bbar_t . s_t + D * g_t
 
-which never needs the forward states. Both directions run chunk by chunk (a doubling scan inside
-each chunk), so memory is ``O(batch * T * (d_inner + d_state))`` plus one chunk.
+which never needs the forward states. Both directions run chunk by chunk, so memory is ``O(batch * T * (d_inner + d_state))`` plus one chunk.
 
 Layout (as in mamba_ssm): ``x, dt: (b, d, T)``, ``A: (d, n)``, ``B, C: (b, n, T)``, ``D: (d,)``;
 ``dt`` is the final step size (softplus and bias already applied). Computation is in float32;
@@ -25,7 +24,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from mambalrp.functional import dispatch
-from mambalrp.functional.scan_core import acc, chunk_length, scan_forward, scan_reverse
+from mambalrp.functional.scan_core import acc, chunk_length, scan_forward
 
 
 def _check(x, dt, A, B, C, D) -> None:
@@ -42,35 +41,39 @@ def _check(x, dt, A, B, C, D) -> None:
         raise ValueError(f"D must be (d_inner,) = ({d},); got {tuple(D.shape)}")
 
 
-def _chunk_inputs(x, dt, A, B, t0: int, t1: int):
-    dtc = dt[:, :, t0:t1]
-    abar = torch.exp(dtc.unsqueeze(-1) * A[:, None, :])
-    bbar = dtc.unsqueeze(-1) * B[:, :, t0:t1].transpose(1, 2).unsqueeze(1)
-    return abar, bbar
+def _chunk_inputs(dt, A, B, t0: int, t1: int):
+    """Time-major ``Abar`` and ``B`` of one chunk: ``(L, b, d, n)`` and ``(L, b, 1, n)``."""
+    dtc = dt[:, :, t0:t1].permute(2, 0, 1)  # (L, b, d)
+    abar = torch.exp(dtc.unsqueeze(-1) * A)
+    return dtc, abar, B[:, :, t0:t1].permute(2, 0, 1).unsqueeze(2)
 
 
 def selective_scan_fwd_torch(x, dt, A, B, C, D, chunk: int | None = None) -> torch.Tensor:
-    """Chunked forward without autograd; all inputs float32. Returns ``y`` (b, d, T)."""
+    """Chunked forward without autograd; float32 inputs. Returns ``y`` (b, d, T).
+
+    Per chunk the decays and inputs are computed in bulk; the recurrence itself is one fused
+    multiply-add per step on a ``(b, d, n)`` state, which beats a log-depth parallel scan on CPU.
+    """
     b, d, T = x.shape
     n = A.shape[1]
     chunk = chunk or chunk_length(b, d, n)
     y = x.new_empty(b, d, T)
-    h = None
+    h = x.new_zeros(b, d, n)
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
-        abar, bbar = _chunk_inputs(x, dt, A, B, t0, t1)
-        prod, hs = scan_forward(abar, bbar * x[:, :, t0:t1].unsqueeze(-1))
-        if h is not None:
-            hs = torch.addcmul(hs, prod, h.unsqueeze(2))
-        y[:, :, t0:t1] = torch.einsum("bdln,bnl->bdl", hs, C[:, :, t0:t1])
-        h = hs[:, :, -1]
+        dtc, abar, Bc = _chunk_inputs(dt, A, B, t0, t1)
+        u = (dtc * x[:, :, t0:t1].permute(2, 0, 1)).unsqueeze(-1) * Bc
+        hs = torch.empty_like(u)
+        for i in range(t1 - t0):
+            h = torch.addcmul(u[i], abar[i], h, out=hs[i])
+        y[:, :, t0:t1] = torch.einsum("lbdn,bnl->bdl", hs, C[:, :, t0:t1])
     if D is not None:
         y = torch.addcmul(y, D[:, None], x)
     return y
 
 
 def selective_scan_lrp_bwd_torch(g, dt, A, B, C, D, chunk: int | None = None) -> torch.Tensor:
-    """Reverse scan of the SSM rule; all inputs float32. Returns ``dx`` (b, d, T)."""
+    """Reverse scan of the SSM rule; float32 inputs. Returns ``dx`` (b, d, T)."""
     b, d, T = g.shape
     n = A.shape[1]
     chunk = chunk or chunk_length(b, d, n)
@@ -78,15 +81,19 @@ def selective_scan_lrp_bwd_torch(g, dt, A, B, C, D, chunk: int | None = None) ->
     carry = None  # Abar_{t1} * s_{t1}: what the chunk after this one sends back
     for t0 in reversed(range(0, T, chunk)):
         t1 = min(T, t0 + chunk)
-        abar, bbar = _chunk_inputs(g, dt, A, B, t0, t1)
-        u = g[:, :, t0:t1].unsqueeze(-1) * C[:, :, t0:t1].transpose(1, 2).unsqueeze(1)
-        if carry is not None:
-            u[:, :, -1] += carry
-        # s_t = Abar_{t+1} s_{t+1} + u_t: the decay of step t is Abar of step t+1.
-        a_next = torch.cat([abar[:, :, 1:], torch.ones_like(abar[:, :, :1])], dim=2)
-        _, s = scan_reverse(a_next, u)
-        dx[:, :, t0:t1] = (bbar * s).sum(-1)
-        carry = abar[:, :, 0] * s[:, :, 0]
+        dtc, abar, Bc = _chunk_inputs(dt, A, B, t0, t1)
+        u = g[:, :, t0:t1].permute(2, 0, 1).unsqueeze(-1) * C[:, :, t0:t1].permute(2, 0, 1).unsqueeze(2)
+        s = torch.empty_like(u)
+        last = t1 - t0 - 1
+        # s_t = Abar_{t+1} * s_{t+1} + C_t * g_t, walking backwards through the chunk.
+        if carry is None:
+            s[last] = u[last]
+        else:
+            torch.add(u[last], carry, out=s[last])
+        for i in range(last - 1, -1, -1):
+            torch.addcmul(u[i], abar[i + 1], s[i + 1], out=s[i])
+        dx[:, :, t0:t1] = (dtc * (s * Bc).sum(-1)).permute(1, 2, 0)
+        carry = abar[0] * s[0]
     if D is not None:
         dx = torch.addcmul(dx, D[:, None], g)
     return dx
@@ -140,7 +147,8 @@ def selective_scan_lrp(x, dt, A, B, C, D=None) -> torch.Tensor:
 
 
 def _differentiable_chunk(x, dt, A, B, C, h0):
-    abar, bbar = _chunk_inputs(x, dt, A, B, 0, x.shape[-1])
+    abar = torch.exp(dt.unsqueeze(-1) * A[:, None, :])  # (b, d, L, n)
+    bbar = dt.unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)
     prod, hs = scan_forward(abar, bbar * x.unsqueeze(-1))
     if h0 is not None:
         hs = hs + prod * h0.unsqueeze(2)

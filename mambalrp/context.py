@@ -1,0 +1,131 @@
+"""Patching a model's modules for LRP inside a context manager, and restoring them exactly."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mambalrp.errors import UnsupportedModelError
+from mambalrp.rules import RuleSet, get_rules
+
+TapFn = Callable[[nn.Module, str, torch.Tensor], torch.Tensor]
+
+_MISSING = object()
+HOWTO = "docs/adapters.md"
+
+
+@dataclass
+class LRPContext:
+    """What a patched forward sees: the rule set, and an optional tap on intermediates.
+
+    Attributes:
+        rules: The active rule set.
+        tap_fn: Called as ``tap_fn(module, name, tensor)`` on every named intermediate an adapter
+            exposes; returns the tensor to use downstream. ``None`` means no taps (no cost).
+        module_names: Qualified name of every patched module in the model.
+    """
+
+    rules: RuleSet
+    tap_fn: TapFn | None = None
+    module_names: dict[nn.Module, str] = field(default_factory=dict)
+
+    def tap(self, module: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Pass ``tensor`` through the tap (identity when none is installed)."""
+        if self.tap_fn is None:
+            return tensor
+        return self.tap_fn(module, name, tensor)
+
+
+def plan(model: nn.Module, rules: RuleSet) -> list[tuple[str, nn.Module, object]]:
+    """Find the adapter of every module to patch; raise if the model is not supported.
+
+    Args:
+        model: The model.
+        rules: The rule set (linear layers are patched only for epsilon / gamma rules).
+
+    Returns:
+        ``(qualified_name, module, adapter)`` for each module to patch, outermost first. Modules
+        inside a matched mixer are left alone (the mixer's adapter calls them itself), except
+        ``nn.Linear`` layers under epsilon / gamma rules.
+
+    Raises:
+        UnsupportedModelError: No SSM layer is matched, or an SSM-like layer (one with an
+            ``A_log`` parameter) is not.
+    """
+    from mambalrp.adapters import find_adapter, supported_families
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    out: list[tuple[str, nn.Module, object]] = []
+    inside_mixer: list[str] = []
+    mixers = 0
+    for name, module in model.named_modules():
+        under = any(name.startswith(p + ".") for p in inside_mixer)
+        adapter = find_adapter(module)
+        role = getattr(adapter, "role", None)
+        if role == "linear":
+            if rules.patches_linear:
+                out.append((name, module, adapter))
+            continue
+        if adapter is not None and not under:
+            out.append((name, module, adapter))
+            if role == "mixer":
+                mixers += 1
+                inside_mixer.append(name)
+            continue
+        if adapter is None and not under and isinstance(getattr(module, "A_log", None), torch.Tensor):
+            raise UnsupportedModelError(
+                f"no adapter matches the SSM layer {name!r} ({type(module).__name__}). "
+                f"Supported families: {'; '.join(supported_families())}. "
+                f"Register one with mambalrp.register_adapter (see {HOWTO})."
+            )
+    if mixers == 0:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} contains no Mamba layer that mambalrp recognises. "
+            f"Supported families: {'; '.join(supported_families())}. "
+            f"To explain another architecture, register an adapter with mambalrp.register_adapter "
+            f"(see {HOWTO})."
+        )
+    return out
+
+
+@contextlib.contextmanager
+def lrp(model: nn.Module, rules: str | RuleSet = "mambalrp", tap_fn: TapFn | None = None) -> Iterator[LRPContext]:
+    """Run ``model`` under LRP rules inside a ``with`` block.
+
+    The forward of each matched module instance is replaced by its adapter's forward; nothing
+    else changes (parameters, buffers, flags, hooks). On exit, also after an exception, every
+    instance gets back exactly the ``forward`` attribute it had.
+
+    Example:
+        >>> with mambalrp.lrp(model) as ctx:
+        ...     logits = model(ids).logits   # same values; the backward now propagates relevance
+
+    Args:
+        model: A model containing supported Mamba layers.
+        rules: A preset name or :class:`~mambalrp.rules.RuleSet`.
+        tap_fn: Optional tap on the intermediates adapters expose (see :class:`LRPContext`).
+
+    Yields:
+        The :class:`LRPContext` shared by all patched forwards.
+    """
+    ctx = LRPContext(rules=get_rules(rules), tap_fn=tap_fn)
+    targets = plan(model, ctx.rules)
+    saved: list[tuple[nn.Module, object]] = []
+    try:
+        for name, module, adapter in targets:
+            saved.append((module, module.__dict__.get("forward", _MISSING)))
+            ctx.module_names[module] = name
+            module.forward = functools.partial(adapter.forward, module, ctx)
+        yield ctx
+    finally:
+        for module, previous in reversed(saved):
+            if previous is _MISSING:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous

@@ -1,0 +1,177 @@
+"""Rule sets: which LRP rule each component of a Mamba model uses.
+
+A :class:`RuleSet` is what zennit calls a composite: it decides, per kind of operation, whether
+the backward pass is the true gradient or an LRP rule. Adapters never call the operators in
+:mod:`mambalrp.functional` directly; they call the methods of the active rule set, so a custom
+rule set is a subclass that overrides a method.
+
+Presets:
+    ``"mambalrp"``: all MambaLRP rules (SiLU identity, half gate, LN-rule, SSM rule), LRP-0 linear.
+    ``"gradient"``: no rule at all; ``embedding * grad`` is then Gradient x Input.
+    ``"ln-only"``: only the LN-rule (the "LRP (LN-rule)" baseline of the paper).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from mambalrp import functional as ops
+
+Component = Literal["silu", "gate", "norm", "ssm"]
+
+
+@dataclass(frozen=True)
+class LRP0:
+    """LRP-0 on linear maps: the plain gradient."""
+
+
+@dataclass(frozen=True)
+class Epsilon:
+    """Epsilon rule on linear maps, in gradient form.
+
+    Attributes:
+        epsilon: Stabiliser added to the magnitude of each pre-activation.
+    """
+
+    epsilon: float = 1e-6
+
+
+@dataclass(frozen=True)
+class Gamma:
+    """Generalised gamma rule on linear maps, in gradient form.
+
+    Attributes:
+        gamma: Boost of the contributions that share the sign of the pre-activation.
+    """
+
+    gamma: float = 0.25
+
+
+LinearRule = LRP0 | Epsilon | Gamma
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """Which rule each component uses.
+
+    Attributes:
+        name: Label reported in explanations.
+        silu: Identity rule for SiLU (else its gradient).
+        gate: Half rule for multiplicative gates (else the product's gradient).
+        norm: LN-rule for RMSNorms (else the gradient through the normaliser).
+        ssm: SSM rule for the scans (else the gradient through dt, B, C and the decays).
+        linear: Rule for ``nn.Linear`` layers and the depthwise conv1d.
+    """
+
+    name: str = "mambalrp"
+    silu: bool = True
+    gate: bool = True
+    norm: bool = True
+    ssm: bool = True
+    linear: LinearRule = LRP0()
+
+    def without(self, *components: Component) -> RuleSet:
+        """Return a copy with the named rules replaced by the plain gradient (for ablations)."""
+        for c in components:
+            if c not in ("silu", "gate", "norm", "ssm"):
+                raise ValueError(f"unknown component {c!r}; expected silu, gate, norm or ssm")
+        name = self.name + "".join(f"-no-{c}" for c in components)
+        return dataclasses.replace(self, name=name, **{c: False for c in components})
+
+    def with_linear(self, rule: LinearRule) -> RuleSet:
+        """Return a copy that uses ``rule`` on linear layers."""
+        if not isinstance(rule, (LRP0, Epsilon, Gamma)):
+            raise TypeError(f"linear rule must be LRP0, Epsilon or Gamma; got {rule!r}")
+        return dataclasses.replace(self, linear=rule)
+
+    @property
+    def patches_linear(self) -> bool:
+        """Whether ``nn.Linear`` modules need their forward replaced (epsilon or gamma)."""
+        return not isinstance(self.linear, LRP0)
+
+    # The operations adapters use. Each returns exactly the original forward value.
+
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        """SiLU activation."""
+        return ops.silu_identity(x) if self.silu else F.silu(x)
+
+    def mul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Multiplicative gate ``a * b``."""
+        return ops.half_gate(a, b) if self.gate else a * b
+
+    def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int | None = None):
+        """RMSNorm ``weight * x / rms(x)`` (per group of ``group_size`` channels)."""
+        fn = ops.rmsnorm_lrp if self.norm else ops.rmsnorm
+        return fn(x, weight, eps, group_size)
+
+    def gated_rmsnorm(self, x, z, weight, eps: float, group_size: int | None = None, norm_before_gate: bool = False):
+        """Mamba-2's gated RMSNorm ``norm(x * silu(z))`` (or ``norm(x) * silu(z)``)."""
+        return ops.gated_rmsnorm(
+            x, z, weight, eps, group_size, norm_before_gate,
+            ln_rule=self.norm, half_rule=self.gate, identity_rule=self.silu,
+        )
+
+    def selective_scan(self, x, dt, A, B, C, D=None) -> torch.Tensor:
+        """Mamba-1 selective scan (layout of :mod:`mambalrp.functional.selective_scan`)."""
+        return ops.selective_scan(x, dt, A, B, C, D, rule="lrp" if self.ssm else "gradient")
+
+    def ssd_scan(self, x, dt, A, B, C, D=None) -> torch.Tensor:
+        """Mamba-2 SSD scan (layout of :mod:`mambalrp.functional.ssd`)."""
+        return ops.ssd_scan(x, dt, A, B, C, D, rule="lrp" if self.ssm else "gradient")
+
+    def ssm_coefficient(self, t: torch.Tensor) -> torch.Tensor:
+        """Detach a tensor that only feeds the SSM coefficients (dt, B, C) under the SSM rule."""
+        return t.detach() if self.ssm else t
+
+    def linear_map(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``F.linear`` with the linear rule."""
+        return self._linear(x, weight, bias, "linear")
+
+    def conv1d(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Depthwise causal conv1d ``(b, d, T)`` with the linear rule."""
+        return self._linear(x, weight, bias, "conv")
+
+    def _linear(self, x, weight, bias, op) -> torch.Tensor:
+        rule = self.linear
+        if isinstance(rule, Epsilon):
+            return ops.epsilon_linear(x, weight, bias, rule.epsilon, op)
+        if isinstance(rule, Gamma):
+            return ops.gamma_linear(x, weight, bias, rule.gamma, op)
+        return F.linear(x, weight, bias) if op == "linear" else ops.causal_conv1d(x, weight, bias)
+
+
+MAMBALRP = RuleSet()
+GRADIENT = RuleSet(name="gradient", silu=False, gate=False, norm=False, ssm=False)
+LN_ONLY = RuleSet(name="ln-only", silu=False, gate=False, norm=True, ssm=False)
+
+PRESETS: dict[str, RuleSet] = {
+    "mambalrp": MAMBALRP,
+    "gradient": GRADIENT,
+    "gradient_x_input": GRADIENT,
+    "gi": GRADIENT,
+    "ln-only": LN_ONLY,
+    "ln_only": LN_ONLY,
+}
+
+
+def get_rules(rules: str | RuleSet) -> RuleSet:
+    """Resolve a preset name or a :class:`RuleSet`.
+
+    Args:
+        rules: ``"mambalrp"``, ``"gradient"`` (alias ``"gi"``), ``"ln-only"``, or a RuleSet.
+
+    Returns:
+        The rule set.
+    """
+    if isinstance(rules, RuleSet):
+        return rules
+    if isinstance(rules, str) and rules.lower() in PRESETS:
+        return PRESETS[rules.lower()]
+    raise ValueError(
+        f"unknown rules {rules!r}; use one of {sorted(set(PRESETS))} or a mambalrp.RuleSet"
+    )
