@@ -150,3 +150,9 @@ def hit_rates(scores: torch.Tensor, evidence: torch.Tensor, ks: tuple[int, ...] 
     """
     top = torch.sort(-scores.float(), dim=-1, stable=True).indices
     return {f"top{k}": (top[:, :k] == evidence[:, None]).any(-1) for k in ks}
+
+
+def position_ranks(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rank (1 = most relevant) of ``positions (batch,)`` in each row of ``scores (batch, T)``."""
+    order = torch.sort(-scores.float(), dim=-1, stable=True).indices
+    return (order == positions[:, None]).float().argmax(-1) + 1

@@ -29,7 +29,7 @@ import mambalrp
 from benchmarks.common import RESULTS, machine_info
 from benchmarks.faithfulness import methods as M
 from benchmarks.faithfulness import metrics
-from benchmarks.faithfulness.tasks import Task, default_tasks
+from benchmarks.faithfulness.tasks import Task, load_task, task_names
 from mambalrp.testing import zero_biases
 
 AREAS = ("A_MoRF", "A_LeRF", "dA_F", "A_ins_MoRF", "A_ins_LeRF", "dA_I")
@@ -65,6 +65,8 @@ def run_task(task: Task, methods: dict[str, M.Method], batch_size: int, steps: i
                   for m in methods}
     seconds = {m: 0.0 for m in methods}
     hits: dict[str, dict[str, list[bool]]] = {m: {"top1": [], "top3": []} for m in methods}
+    role_names = list(task.roles[0]) if task.roles else []
+    ranks: dict[str, dict[str, list[float]]] = {m: {r: [] for r in role_names} for m in methods}
     cons: dict[str, dict[str, list[float]]] = {
         f"{setting}/{rules}": {"sum": [], "logit": []}
         for setting in ("as_trained", "biases_zeroed") for rules in ("mambalrp", "gradient")
@@ -87,6 +89,9 @@ def run_task(task: Task, methods: dict[str, M.Method], batch_size: int, steps: i
                 if evidence is not None:
                     for k, v in metrics.hit_rates(scores, evidence).items():
                         hits[name][k].extend(v.tolist())
+                for role in role_names:
+                    pos = torch.tensor([task.roles[i][role] for i in chunk])
+                    ranks[name][role].extend(metrics.position_ranks(scores, pos).tolist())
             for setting, net in (("as_trained", model), ("biases_zeroed", bias_free)):
                 for rules in ("mambalrp", "gradient"):
                     e = mambalrp.explain(net, ids, target, rules=rules)
@@ -111,11 +116,16 @@ def run_task(task: Task, methods: dict[str, M.Method], batch_size: int, steps: i
             row[f"{key}_sem"] = float(v.std() / math.sqrt(len(v))) if len(v) > 1 else 0.0
         row["seconds_per_explanation"] = seconds[name] / n_total
         if ref is not None and name != "mambalrp":
-            a, b = torch.tensor(ref), torch.tensor(per_example[name]["dA_F"])
+            a = torch.tensor(ref, dtype=torch.float64)
+            b = torch.tensor(per_example[name]["dA_F"], dtype=torch.float64)
             row["mambalrp_dA_F_better_fraction"] = float((a > b).double().mean())
+            row["mambalrp_minus_this_dA_F"] = float((a - b).mean())
+            row["mambalrp_minus_this_dA_F_sem"] = float((a - b).std() / math.sqrt(len(a))) if len(a) > 1 else 0.0
         for k, v in hits[name].items():
             if v:
                 row[f"hit_{k}"] = float(torch.tensor(v, dtype=torch.float64).mean())
+        for role, v in ranks[name].items():
+            row[f"rank_{role}"] = float(torch.tensor(v, dtype=torch.float64).mean())
         stats[name] = row
     conservation = {k: metrics.conservation_stats(torch.tensor(v["sum"]), torch.tensor(v["logit"]))
                     for k, v in cons.items()}
@@ -158,16 +168,28 @@ def markdown(results: dict[str, Any]) -> str:
                 cells.append(f"**{cell}**" if s[metric] == best else cell)
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines.append("## Curve areas (A_MoRF / A_LeRF) and fraction of examples where MambaLRP's dA_F is higher")
+    lines.append("## Curve areas A_MoRF / A_LeRF")
     lines.append("")
     lines.append("| method | " + " | ".join(tasks) + " |")
     lines.append("|---|" + "---|" * len(tasks))
     for m in methods:
+        cells = [f"{results['tasks'][t]['stats'][m]['A_MoRF']:.3f} / {results['tasks'][t]['stats'][m]['A_LeRF']:.3f}"
+                 for t in tasks]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("## Paired comparison: mean of (MambaLRP dA_F - method dA_F) over the same examples ± standard "
+                 "error, and the fraction of examples where MambaLRP's dA_F is higher")
+    lines.append("")
+    lines.append("| method | " + " | ".join(tasks) + " |")
+    lines.append("|---|" + "---|" * len(tasks))
+    for m in methods:
+        if m == "mambalrp":
+            continue
         cells = []
         for t in tasks:
             s = results["tasks"][t]["stats"][m]
-            frac = s.get("mambalrp_dA_F_better_fraction")
-            cells.append(f"{s['A_MoRF']:.3f} / {s['A_LeRF']:.3f}" + ("" if frac is None else f" ({frac:.0%})"))
+            cells.append(f"{s['mambalrp_minus_this_dA_F']:+.3f} ± {s['mambalrp_minus_this_dA_F_sem']:.3f} "
+                         f"({s['mambalrp_dA_F_better_fraction']:.0%})")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines.append("")
     kv = [t for t in tasks if "hit_top1" in results["tasks"][t]["stats"][methods[0]]]
@@ -179,6 +201,18 @@ def markdown(results: dict[str, Any]) -> str:
         for m in methods:
             cells = [f"{results['tasks'][t]['stats'][m]['hit_top1']:.2f} / {results['tasks'][t]['stats'][m]['hit_top3']:.2f}"
                      for t in kv]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if kv:
+        roles = [k[5:] for k in results["tasks"][kv[0]]["stats"][methods[0]] if k.startswith("rank_")]
+        lines.append("## Mean relevance rank (1 = most relevant) of token roles on key-value retrieval")
+        lines.append("")
+        lines.append("Roles: queried value, its key in the pair, the key in the query, the final `?`.")
+        lines.append("")
+        lines.append("| method | " + " | ".join(f"{t}: {' / '.join(roles)}" for t in kv) + " |")
+        lines.append("|---|" + "---|" * len(kv))
+        for m in methods:
+            cells = [" / ".join(f"{results['tasks'][t]['stats'][m]['rank_' + r]:.1f}" for r in roles) for t in kv]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
     lines.append("## Seconds per explanation (batched, this machine)")
@@ -260,36 +294,51 @@ def plot_conservation(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _task_job(job: tuple[str, int | None, int, argparse.Namespace]) -> dict[str, Any]:
+    name, n_sst, n_kv, args = job
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    task = load_task(name, n_sst, n_kv)
+    methods = M.build_methods(task.neutral_id, seed=args.seed, quick=args.quick)
+    _progress(f"task {name}: {len(task.examples)} examples x {len(methods)} methods (loaded in "
+              f"{time.perf_counter() - t0:.0f}s)")
+    result = run_task(task, methods, args.batch_size, args.steps)
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command-line entry point; returns the results payload."""
     parser = argparse.ArgumentParser(description="MambaLRP faithfulness and conservation suite")
     parser.add_argument("--quick", action="store_true", help="smoke run: one retrieval task, few examples")
     parser.add_argument("--tasks", nargs="*", default=None,
                         help="task names (zoo models kv-*/sst-*, or kv-tiny); default: all zoo classifiers")
-    parser.add_argument("--n-sst", type=int, default=None, help="sentences per sentiment task (default: all)")
-    parser.add_argument("--n-kv", type=int, default=None, help="examples per retrieval task")
+    parser.add_argument("--n-sst", type=int, default=None, help="sentences per sentiment task: the first N of the held-out test split (default 200; 0 = all 800)")
+    parser.add_argument("--n-kv", type=int, default=None, help="examples per retrieval task (default 300)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10, help="fraction steps K of the flipping curves")
     parser.add_argument("--seed", type=int, default=0, help="seed of random scores and SmoothGrad noise")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per task")
+    parser.add_argument("--jobs", type=int, default=2, help="tasks run in parallel processes")
     parser.add_argument("--out", type=Path, default=RESULTS, help="output directory")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    n_kv = args.n_kv or (32 if args.quick else 500)
-    n_sst = args.n_sst if args.n_sst is not None else (32 if args.quick else None)
+    n_kv = args.n_kv or (32 if args.quick else 300)
+    n_sst = args.n_sst if args.n_sst is not None else (32 if args.quick else 200)
+    n_sst = n_sst or None
     t0 = time.perf_counter()
-    tasks = default_tasks(args.quick, n_sst, n_kv, args.tasks)
-    _progress(f"tasks: {[t.name for t in tasks]} (loaded in {time.perf_counter() - t0:.0f}s)")
-    neutral = {t.name: t.neutral_id for t in tasks}
+    names = task_names(args.quick, args.tasks)
+    _progress(f"tasks: {names}")
     results: dict[str, Any] = {
         "machine": machine_info(),
         "mambalrp": getattr(mambalrp, "__version__", None),
         "config": {
             "quick": args.quick, "batch_size": args.batch_size, "steps": args.steps, "seed": args.seed,
-            "threads": args.threads, "n_kv": n_kv, "n_sst": n_sst,
+            "threads": args.threads, "jobs": args.jobs, "n_kv": n_kv, "n_sst": n_sst,
             "smoothgrad": {"samples": 4 if args.quick else M.SMOOTHGRAD_SAMPLES, "sigma_fraction_of_range": M.SMOOTHGRAD_SIGMA},
             "integrated_gradients": {"steps": 8 if args.quick else M.IG_STEPS, "baseline": "zero embedding"},
             "removal": "replace by the padding token (flipping); delete (insertion)",
@@ -297,10 +346,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "tasks": {},
     }
-    for task in tasks:
-        methods = M.build_methods(neutral[task.name], seed=args.seed, quick=args.quick)
-        _progress(f"task {task.name}: {len(task.examples)} examples x {len(methods)} methods")
-        results["tasks"][task.name] = run_task(task, methods, args.batch_size, args.steps)
+    jobs = [(name, n_sst, n_kv, args) for name in names]
+    if args.jobs > 1 and len(names) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(min(args.jobs, len(names))) as pool:
+            done = pool.map(_task_job, jobs)
+    else:
+        done = [_task_job(job) for job in jobs]
+    for name, result in zip(names, done):
+        results["tasks"][name] = result
     results["total_seconds"] = time.perf_counter() - t0
 
     stem = "faithfulness_quick" if args.quick else "faithfulness"

@@ -46,6 +46,8 @@ class Task:
         examples: ``(ids, evidence)`` per example: an unpadded ``(T,)`` id tensor and the
             ground-truth evidence position (or ``None``).
         info: Description for the results JSON (source, accuracy, ...).
+        roles: Per example, named positions of interest (retrieval: the queried value, its key,
+            the key in the query, the final ``?``); empty for tasks without ground truth.
     """
 
     name: str
@@ -53,6 +55,7 @@ class Task:
     neutral_id: int
     examples: list[tuple[torch.Tensor, int | None]]
     info: dict[str, Any] = field(default_factory=dict)
+    roles: list[dict[str, int]] = field(default_factory=list)
 
     def batches(self, batch_size: int) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
         """Yield ``(example indices, ids (b, T), evidence (b,) or None)`` of equal-length groups."""
@@ -75,7 +78,9 @@ def kv_task(name: str, model: nn.Module, spec: synthetic.TaskSpec, n: int, seed:
     ids, labels = synthetic.to_tensors(examples)
     with torch.no_grad():
         acc = (model(ids).argmax(-1) == labels).float().mean().item()
-    return Task(name, model, neutral_id=0, examples=items,
+    roles = [{"value": e.value_position, "pair_key": e.key_position, "query_key": e.query_key_position,
+              "query_mark": spec.seq_len - 1} for e in examples]
+    return Task(name, model, neutral_id=0, examples=items, roles=roles,
                 info={**info, "task_spec": spec.to_dict(), "data_seed": seed, "accuracy_on_sample": acc})
 
 
@@ -171,35 +176,42 @@ def tiny_kv(n: int) -> Task:
                     "train_seconds": seconds})
 
 
-def default_tasks(quick: bool, n_sst: int | None, n_kv: int, names: list[str] | None = None) -> list[Task]:
-    """Tasks to run: every zoo sentiment / retrieval model present, else ``kv-tiny``.
+def task_names(quick: bool, names: list[str] | None = None) -> list[str]:
+    """Names of the tasks to run: every zoo sentiment / retrieval classifier present, else ``kv-tiny``.
 
     Args:
-        quick: Smoke run (only one retrieval task).
-        n_sst: Sentences per sentiment task (``None``: the whole test split).
-        n_kv: Examples per retrieval task.
-        names: Explicit task names (zoo names or ``kv-tiny``), overriding the default choice.
+        quick: Smoke run (only the first retrieval task).
+        names: Explicit task names, returned unchanged.
 
     Returns:
-        The tasks.
+        Task names.
     """
     from mambalrp.models.zoo import available_models
 
+    if names:
+        return list(names)
     zoo = available_models()
-    if names is None:
-        names = [m for m in ("kv-mamba1", "kv-mamba2", "sst-mamba1", "sst-mamba2") if m in zoo]
-        if quick:
-            names = [m for m in names if m.startswith("kv-")][:1]
-        if not names:
-            names = ["kv-tiny"]
-    out = []
-    for name in names:
-        if name == "kv-tiny":
-            out.append(tiny_kv(n_kv))
-        elif name.startswith("kv-"):
-            out.append(zoo_kv(name, n_kv))
-        elif name.startswith("sst-"):
-            out.append(zoo_sst(name, n_sst))
-        else:
-            raise ValueError(f"unknown task {name!r}")
-    return out
+    found = [m for m in ("kv-mamba1", "kv-mamba2", "sst-mamba1", "sst-mamba2") if m in zoo]
+    if quick:
+        found = [m for m in found if m.startswith("kv-")][:1]
+    return found or ["kv-tiny"]
+
+
+def load_task(name: str, n_sst: int | None, n_kv: int) -> Task:
+    """Load one task by name (zoo names ``kv-*`` / ``sst-*``, or ``kv-tiny``).
+
+    Args:
+        name: Task name.
+        n_sst: Sentences for sentiment tasks (``None``: the whole test split).
+        n_kv: Examples for retrieval tasks.
+
+    Returns:
+        The task.
+    """
+    if name == "kv-tiny":
+        return tiny_kv(n_kv)
+    if name.startswith("kv-"):
+        return zoo_kv(name, n_kv)
+    if name.startswith("sst-"):
+        return zoo_sst(name, n_sst)
+    raise ValueError(f"unknown task {name!r}")
