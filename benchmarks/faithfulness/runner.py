@@ -294,6 +294,19 @@ def plot_conservation(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _commit() -> str | None:
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def _task_job(job: tuple[str, int | None, int, argparse.Namespace]) -> dict[str, Any]:
     name, n_sst, n_kv, args = job
     torch.set_num_threads(args.threads)
@@ -323,6 +336,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--jobs", type=int, default=2, help="tasks run in parallel processes")
     parser.add_argument("--out", type=Path, default=RESULTS, help="output directory")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other tasks of an existing results file in --out (each task records "
+                             "the configuration and commit it ran with)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -354,12 +370,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             done = pool.map(_task_job, jobs)
     else:
         done = [_task_job(job) for job in jobs]
-    for name, result in zip(names, done):
-        results["tasks"][name] = result
-    results["total_seconds"] = time.perf_counter() - t0
-
     stem = "faithfulness_quick" if args.quick else "faithfulness"
     out = Path(args.out)
+    previous = out / f"{stem}.json"
+    if args.update and previous.is_file():
+        old = json.loads(previous.read_text(encoding="utf-8"))
+        results["tasks"].update({k: v for k, v in old["tasks"].items() if k not in names})
+    for name, result in zip(names, done):
+        result["config"] = dict(results["config"])
+        result["commit"] = _commit()
+        results["tasks"][name] = result
+    results["tasks"] = dict(sorted(results["tasks"].items()))
+    results["total_seconds"] = time.perf_counter() - t0
+
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     (out / f"{stem}.md").write_text(markdown(results), encoding="utf-8")
