@@ -30,8 +30,14 @@ from benchmarks.common import RESULTS, machine_info
 from benchmarks.faithfulness import methods as M
 from benchmarks.faithfulness import metrics
 from benchmarks.faithfulness.tasks import Task, load_task, task_names
+from mambalrp.rules import GRADIENT, LN_ONLY, MAMBALRP
 from mambalrp.testing import zero_biases
 
+#: Rule sets whose conservation is measured (the scatter plot shows the first two).
+CONSERVATION_RULES = {
+    "mambalrp": MAMBALRP, "gradient": GRADIENT, "ln-only": LN_ONLY,
+    **{f"mambalrp-no-{c}": MAMBALRP.without(c) for c in ("silu", "gate", "norm", "ssm")},
+}
 AREAS = ("A_MoRF", "A_LeRF", "dA_F", "A_ins_MoRF", "A_ins_LeRF", "dA_I")
 #: Methods drawn in the curve plots (ablations are in the tables only).
 PLOTTED = ("random", "saliency", "gradient_x_input", "smoothgrad_x_input", "integrated_gradients", "occlusion",
@@ -69,7 +75,7 @@ def run_task(task: Task, methods: dict[str, M.Method], batch_size: int, steps: i
     ranks: dict[str, dict[str, list[float]]] = {m: {r: [] for r in role_names} for m in methods}
     cons: dict[str, dict[str, list[float]]] = {
         f"{setting}/{rules}": {"sum": [], "logit": []}
-        for setting in ("as_trained", "biases_zeroed") for rules in ("mambalrp", "gradient")
+        for setting in ("as_trained", "biases_zeroed") for rules in CONSERVATION_RULES
     }
     done, t_start = 0, time.perf_counter()
     try:
@@ -93,8 +99,8 @@ def run_task(task: Task, methods: dict[str, M.Method], batch_size: int, steps: i
                     pos = torch.tensor([task.roles[i][role] for i in chunk])
                     ranks[name][role].extend(metrics.position_ranks(scores, pos).tolist())
             for setting, net in (("as_trained", model), ("biases_zeroed", bias_free)):
-                for rules in ("mambalrp", "gradient"):
-                    e = mambalrp.explain(net, ids, target, rules=rules)
+                for rules, rule_set in CONSERVATION_RULES.items():
+                    e = mambalrp.explain(net, ids, target, rules=rule_set)
                     cons[f"{setting}/{rules}"]["sum"].extend(e.relevance.sum(-1).tolist())
                     cons[f"{setting}/{rules}"]["logit"].extend(e.logit.tolist())
             done += len(chunk)
@@ -137,7 +143,8 @@ def run_task(task: Task, methods: dict[str, M.Method], batch_size: int, steps: i
         "mean_curves": {m: {c: (v / n_total).tolist() for c, v in cs.items()} for m, cs in curves_sum.items()},
         "per_example": {m: {k: [round(x, 5) for x in per_example[m][k]] for k in ("dA_F", "dA_I")} for m in methods},
         "conservation": conservation,
-        "conservation_points": {k: {kk: [round(x, 6) for x in vv] for kk, vv in v.items()} for k, v in cons.items()},
+        "conservation_points": {k: {kk: [round(x, 6) for x in vv] for kk, vv in v.items()}
+                                for k, v in cons.items() if k.split("/")[1] in ("mambalrp", "gradient")},
     }
 
 
