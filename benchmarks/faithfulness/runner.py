@@ -141,6 +141,7 @@ def run_task(task: Task, methods: dict[str, M.Method], batch_size: int, steps: i
         "neutral_id": task.neutral_id,
         "stats": stats,
         "mean_curves": {m: {c: (v / n_total).tolist() for c, v in cs.items()} for m, cs in curves_sum.items()},
+        "lengths": [int(ids.numel()) for ids, _ in task.examples],
         "per_example": {m: {k: [round(x, 5) for x in per_example[m][k]] for k in ("dA_F", "dA_I")} for m in methods},
         "conservation": conservation,
         "conservation_points": {k: {kk: [round(x, 6) for x in vv] for kk, vv in v.items()}
@@ -392,7 +393,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    (out / f"{stem}.md").write_text(markdown(results), encoding="utf-8")
+    from benchmarks.faithfulness.analysis import analyse
+
+    report = markdown(results) + "\n## Per-example analysis (paired dA_F differences by input length)\n\n" + analyse(results)
+    (out / f"{stem}.md").write_text(report, encoding="utf-8")
     if not args.no_plots:
         for name, result in results["tasks"].items():
             plot_curves(name, result, out / f"{stem}_curves_{name}.png")
