@@ -170,7 +170,9 @@ def load_reviews(archive: Path | None = None) -> list[Example]:
     return parse_polarity_csv(read_member(archive, REVIEWS_MEMBER))
 
 
-def split_indices(n: int, n_test: int = N_TEST, n_valid: int = N_VALID, seed: int = SPLIT_SEED) -> dict[str, list[int]]:
+def split_indices(
+    n: int, n_test: int = N_TEST, n_valid: int = N_VALID, seed: int = SPLIT_SEED
+) -> dict[str, list[int]]:
     """Return a fixed, seeded train/valid/test partition of ``range(n)``.
 
     The permutation comes from :class:`random.Random` (stable across Python versions for
@@ -209,7 +211,9 @@ def sentence_splits(archive: Path | None = None) -> dict[str, list[Example]]:
     return {name: [data[i] for i in idx] for name, idx in split_indices(len(data)).items()}
 
 
-def review_splits(archive: Path | None = None, n_valid: int = 100, seed: int = SPLIT_SEED) -> dict[str, list[Example]]:
+def review_splits(
+    archive: Path | None = None, n_valid: int = 100, seed: int = SPLIT_SEED
+) -> dict[str, list[Example]]:
     """Load the full reviews with a fixed split for language modelling (1,400 train, 100 valid).
 
     Args:

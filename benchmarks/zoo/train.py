@@ -62,8 +62,8 @@ LM_CONFIG = {
 
 #: Sentiment fine-tuning from the language model.
 SST_CONFIG = {
-    "mamba": dict(max_length=64, batch_size=32, epochs=6, lr=1e-3, weight_decay=0.05, seed=0),
-    "mamba2": dict(max_length=64, batch_size=32, epochs=6, lr=1e-3, weight_decay=0.05, seed=0),
+    "mamba": dict(max_length=64, batch_size=32, epochs=6, lr=1e-3, weight_decay=0.05, replicate=1.0, seed=0),
+    "mamba2": dict(max_length=64, batch_size=32, epochs=6, lr=1e-3, weight_decay=0.05, replicate=1.0, seed=0),
 }
 
 #: Synthetic key-value retrieval, trained from scratch on freshly generated batches.
@@ -76,8 +76,10 @@ KV_ARCH = {
     ),
 }
 KV_CONFIG = {
-    "mamba": dict(batch_size=64, steps=800, lr=3e-3, warmup=100, weight_decay=0.0, seed=0, test_seed=10_000, n_test=2000),
-    "mamba2": dict(batch_size=64, steps=1000, lr=3e-3, warmup=100, weight_decay=0.0, seed=0, test_seed=10_000, n_test=2000),
+    "mamba": dict(batch_size=32, steps=1200, lr=3e-3, warmup=60, weight_decay=0.0, seed=0,
+                  test_seed=10_000, n_test=2000),
+    "mamba2": dict(batch_size=64, steps=1000, lr=3e-3, warmup=100, weight_decay=0.0, seed=0,
+                   test_seed=10_000, n_test=2000),
 }
 
 
@@ -164,6 +166,7 @@ def tag(arch: str) -> str:
 
 
 def lm_dir(arch: str) -> Path:
+    """Directory of the language model of an architecture."""
     return OUT / f"lm-{tag(arch)}"
 
 
@@ -194,12 +197,14 @@ def train_tokenizer() -> dict:
     tok.save(str(out / "tokenizer.json"))
     lengths = [len(tok.encode(e.text).ids) for e in sentences]
     info = {"vocab_size": tok.get_vocab_size(), "sentence_tokens_mean": float(np.mean(lengths)),
-            "sentence_tokens_max": int(max(lengths)), "sentence_tokens_p99": float(np.percentile(lengths, 99))}
+            "sentence_tokens_max": int(max(lengths)),
+            "sentence_tokens_p99": float(np.percentile(lengths, 99))}
     print("tokenizer", info, flush=True)
     return info
 
 
 def load_tokenizer():
+    """Load the BPE tokenizer written by :func:`train_tokenizer`."""
     from tokenizers import Tokenizer
 
     return Tokenizer.from_file(str(OUT / "tokenizer" / "tokenizer.json"))
@@ -210,6 +215,7 @@ def load_tokenizer():
 
 
 def lm_tokens(tok, examples) -> list[int]:
+    """Concatenate the token ids of the texts, each followed by ``<|endoftext|>``."""
     eos = tok.token_to_id(EOS)
     out: list[int] = []
     for e in examples:
@@ -265,7 +271,9 @@ def train_lm(arch: str) -> dict:
             x = v[i:i + 64]
             logits = model(input_ids=x, use_cache=False).logits[:, :-1]
             target = x[:, 1:]
-            nll += torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), target.reshape(-1), reduction="sum").item()
+            nll += nn.functional.cross_entropy(
+                logits.reshape(-1, vocab), target.reshape(-1), reduction="sum"
+            ).item()
             n += target.numel()
             for t in target.reshape(-1).tolist():
                 uni -= math.log((counts.get(t, 0) + 1) / (total + vocab))
@@ -281,8 +289,11 @@ def train_lm(arch: str) -> dict:
     print(f"lm-{tag(arch)}", json.dumps(metrics), flush=True)
     save_model(
         lm_dir(arch), model, tok,
-        info={"name": f"lm-{tag(arch)}", "architecture": arch, "task": "causal-lm", "class": type(model).__name__},
-        training={**cfg, "arch": TEXT_ARCH[arch], "data": "Pang & Lee polarity v2.0 reviews (1,400 train) + sentence-polarity train split, no labels"},
+        info={"name": f"lm-{tag(arch)}", "architecture": arch, "task": "causal-lm",
+              "class": type(model).__name__},
+        training={**cfg, "arch": TEXT_ARCH[arch],
+                  "data": "Pang & Lee polarity v2.0 reviews (1,400 train) + sentence-polarity train split, "
+                          "no labels"},
         metrics=metrics,
     )
     return metrics
@@ -293,6 +304,7 @@ def train_lm(arch: str) -> dict:
 
 
 def evaluate(model: nn.Module, batches) -> float:
+    """Accuracy of a classifier over ``(input_ids, attention_mask, labels)`` batches."""
     model.eval()
     correct = n = 0
     with torch.no_grad():
@@ -303,6 +315,7 @@ def evaluate(model: nn.Module, batches) -> float:
 
 
 def text_batches(tok, examples, max_length: int, batch_size: int, order: list[int] | None = None):
+    """Yield left-padded ``(input_ids, attention_mask, labels)`` batches, truncating to ``max_length``."""
     pad = tok.token_to_id(PAD)
     order = order if order is not None else list(range(len(examples)))
     for i in range(0, len(order), batch_size):
@@ -368,7 +381,8 @@ def train_sst(arch: str, **overrides) -> dict:
             opt.step()
             step += 1
         acc = evaluate(model, valid)
-        history.append({"epoch": epoch + 1, "valid_accuracy": acc, "last_loss": loss.item(), "seconds": time.time() - t0})
+        history.append({"epoch": epoch + 1, "valid_accuracy": acc, "last_loss": loss.item(),
+                        "seconds": time.time() - t0})
         print(f"sst-{tag(arch)}", history[-1], flush=True)
         if acc > best:
             best, best_state = acc, {k: v.clone() for k, v in model.state_dict().items()}
@@ -394,7 +408,8 @@ def train_sst(arch: str, **overrides) -> dict:
               "class": "MambaSequenceClassifier", "num_labels": 2, "labels": ["negative", "positive"],
               "max_length": cfg["max_length"], "padding_side": "left", "pad_token": PAD},
         training={**cfg, "arch": TEXT_ARCH[arch], "init": f"lm-{tag(arch)}",
-                  "data": "Pang & Lee sentence polarity v1.0, fixed split (benchmarks.zoo.data.split_indices)",
+                  "data": "Pang & Lee sentence polarity v1.0, fixed split "
+                          "(benchmarks.zoo.data.split_indices)",
                   "split": {"seed": data.SPLIT_SEED, "train": len(splits["train"]),
                             "valid": len(splits["valid"]), "test": len(splits["test"])}},
         metrics=metrics,

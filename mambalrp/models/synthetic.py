@@ -2,10 +2,11 @@
 
 A sequence is a stream of random distractor tokens in which ``n_pairs`` pairs
 ``KEY k VALUE v`` (distinct keys, distinct values) are planted at random, non-overlapping
-positions; it ends with the query ``KEY k ?`` asking for the value of one of the planted keys. The correct answer is the
-value ``v`` planted right after that key, so the evidence is known exactly: the value token of
-the queried pair (and, secondarily, its key token). Attribution methods can be scored on whether
-they put the relevance there.
+positions; it ends with the query ``KEY k ?`` asking for the value of one of the planted keys.
+The correct answer is the value ``v`` planted right after that key, so the evidence is known
+exactly: the value token of the queried pair (and, secondarily, its key token). The values of the
+other pairs are plausible but wrong answers. Attribution methods can be scored on whether they
+put the relevance on the evidence rather than on those distractors.
 
 The vocabulary is word-level and fixed (see :func:`vocabulary`); :func:`build_tokenizer` returns
 it as a ``tokenizers.Tokenizer`` so synthetic models load like the text models.

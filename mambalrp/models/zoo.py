@@ -16,6 +16,7 @@ Models (see ``docs/zoo.md``):
 * ``lm-mamba1``, ``lm-mamba2``: the small causal language models the classifiers start from.
 
 Example:
+    >>> import torch
     >>> from mambalrp.models.zoo import load_model
     >>> model, tok = load_model("sst-mamba1")
     >>> enc = tok.encode_batch(["a gorgeous , witty film .", "dull ."])
@@ -113,7 +114,14 @@ def load_model(name: str, directory: Path | str | None = None, dtype: torch.dtyp
     """
     from safetensors.torch import load_model as load_weights
     from tokenizers import Tokenizer
-    from transformers import Mamba2Config, Mamba2ForCausalLM, Mamba2Model, MambaConfig, MambaForCausalLM, MambaModel
+    from transformers import (
+        Mamba2Config,
+        Mamba2ForCausalLM,
+        Mamba2Model,
+        MambaConfig,
+        MambaForCausalLM,
+        MambaModel,
+    )
 
     path = _model_dir(name, directory)
     info = json.loads((path / "model.json").read_text())
