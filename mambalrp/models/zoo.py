@@ -11,8 +11,9 @@ Each model lives in ``mambalrp/assets/zoo/<name>/``:
 Models (see ``docs/zoo.md``):
 
 * ``sst-mamba1``, ``sst-mamba2``: sentence-polarity classifiers (negative / positive);
-* ``kv-mamba1``, ``kv-mamba2``: key-value retrieval over distractors
-  (:mod:`mambalrp.models.synthetic`), with known evidence positions;
+* ``kv-mamba1``, ``kv-mamba2``: key-value retrieval over distractors with two planted pairs,
+  ``kv1-mamba1``: the same with one pair (:mod:`mambalrp.models.synthetic`; known evidence
+  positions; the task shape is in ``model_info(name)["task_spec"]``);
 * ``lm-mamba1``, ``lm-mamba2``: the small causal language models the classifiers start from.
 
 Example:
