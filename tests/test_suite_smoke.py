@@ -1,7 +1,7 @@
 """Smoke test of the faithfulness suite: the quick run on a retrieval model, with real checks.
 
-Runs ``python -m benchmarks.suite --quick`` in-process on the zoo's ``kv-mamba1`` (else
-``kv-mamba2``) retrieval model when present, else on a tiny retrieval model trained on the fly
+Runs ``python -m benchmarks.suite --quick`` in-process on the zoo's ``kv1-mamba1`` (else
+``kv-mamba2``) retrieval model when present (both solve their task on the whole sample), else on a tiny retrieval model trained on the fly
 (about 20 s), writing into a temporary directory. No downloads.
 
 The orderings asserted were measured on this fixed sample (32 examples, seed 0) for each of
@@ -19,7 +19,7 @@ from benchmarks.faithfulness import metrics
 from benchmarks.faithfulness.runner import main
 from mambalrp.models.zoo import available_models
 
-TASK = next((m for m in ("kv-mamba1", "kv-mamba2") if m in available_models()), "kv-tiny")
+TASK = next((m for m in ("kv1-mamba1", "kv-mamba2") if m in available_models()), "kv-tiny")
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,9 @@
 
 * ``sst-mamba1`` / ``sst-mamba2``: zoo sentiment classifiers on the held-out test split of the
   sentence-polarity data (downloaded at run time by :mod:`benchmarks.zoo.data`).
-* ``kv-mamba1`` / ``kv-mamba2``: zoo key-value retrieval classifiers on the zoo's held-out test
-  draw of :mod:`mambalrp.models.synthetic` (seed 10000); the queried value's position is the
-  ground-truth evidence.
+* ``kv-mamba1`` / ``kv-mamba2`` (two planted pairs) and ``kv1-mamba1`` (one pair): zoo key-value
+  retrieval classifiers on the zoo's held-out test draw of :mod:`mambalrp.models.synthetic`
+  (seed 10000); the queried value's position is the ground-truth evidence.
 * ``kv-tiny``: when no zoo model is present (or for the smoke test), a small Mamba-1 retrieval
   model trained on the fly from fixed seeds in well under a minute.
 
@@ -191,9 +191,9 @@ def task_names(quick: bool, names: list[str] | None = None) -> list[str]:
     if names:
         return list(names)
     zoo = available_models()
-    found = [m for m in ("kv-mamba1", "kv-mamba2", "sst-mamba1", "sst-mamba2") if m in zoo]
+    found = [m for m in ("kv1-mamba1", "kv-mamba1", "kv-mamba2", "sst-mamba1", "sst-mamba2") if m in zoo]
     if quick:
-        found = [m for m in found if m.startswith("kv-")][:1]
+        found = [m for m in found if m.startswith("kv")][:1]
     return found or ["kv-tiny"]
 
 
@@ -210,7 +210,7 @@ def load_task(name: str, n_sst: int | None, n_kv: int) -> Task:
     """
     if name == "kv-tiny":
         return tiny_kv(n_kv)
-    if name.startswith("kv-"):
+    if name.startswith(("kv-", "kv1-")):
         return zoo_kv(name, n_kv)
     if name.startswith("sst-"):
         return zoo_sst(name, n_sst)
