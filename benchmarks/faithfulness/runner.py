@@ -358,6 +358,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n_sst = args.n_sst if args.n_sst is not None else (32 if args.quick else 200)
     n_sst = n_sst or None
     t0 = time.perf_counter()
+    commit = _commit()  # read before anything runs: the tree may change during a long run
     names = task_names(args.quick, args.tasks)
     _progress(f"tasks: {names}")
     results: dict[str, Any] = {
@@ -389,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["tasks"].update({k: v for k, v in old["tasks"].items() if k not in names})
     for name, result in zip(names, done):
         result["config"] = dict(results["config"])
-        result["commit"] = _commit()
+        result["commit"] = commit
         results["tasks"][name] = result
     results["tasks"] = dict(sorted(results["tasks"].items()))
     results["total_seconds"] = time.perf_counter() - t0
