@@ -11,11 +11,12 @@ file layout). Language models are intermediate products: the sentiment classifie
 from them, so ``--sst-*`` needs the matching ``--lm-*`` output to exist (it is trained first
 under ``--all``).
 
-All randomness comes from fixed seeds, steps are counted (not timed) and torch runs on two
-threads, so a rerun on the same software versions and thread count reproduces the checkpoints.
-Mamba-1 training uses the parallel scan of ``mambapy`` through the ``use_mambapy`` switch of the
-Hugging Face mixer when that package is installed (same maths as the sequential loop, much
-faster on CPU); the shipped configs have it off.
+All randomness comes from fixed seeds, steps are counted (not timed) and torch runs on one
+thread by default (``--threads``), so a rerun on the same software versions and thread count
+reproduces the checkpoints. Mamba-1 training uses the parallel scan of ``mambapy`` through the
+``use_mambapy`` switch of the Hugging Face mixer when that package is installed (the shipped
+models were trained with it; same maths as the sequential loop up to float rounding, much faster
+on CPU); the shipped configs have it off, so inference needs no extra package.
 """
 
 from __future__ import annotations
@@ -34,9 +35,8 @@ import torch
 from torch import nn
 
 from benchmarks.zoo import data
-from mambalrp.models import synthetic
+from mambalrp.models import synthetic, zoo
 from mambalrp.models.classifier import MambaSequenceClassifier
-from mambalrp.models import zoo
 from mambalrp.models.zoo import build_backbone, save_model
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
