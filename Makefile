@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench suite suite-quick clean
 
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.core_scaling
+
+suite: $(STAMP)
+	$(PY) -m benchmarks.suite
+
+suite-quick: $(STAMP)
+	$(PY) -m benchmarks.suite --quick --out build/suite-quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
