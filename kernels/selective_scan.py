@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mambalrp.functional.selective_scan import selective_scan_fwd_torch, selective_scan_lrp_bwd_torch
+from mambalrp.functional.selective_scan import check_shapes, selective_scan_fwd_torch, selective_scan_lrp_bwd_torch
 
 VARIANTS = ("chunked", "sequential")
 # Sequential kernels: upper bound on BLOCK_D * BLOCK_N, the state one program holds in registers.
@@ -316,20 +316,6 @@ def _blocks(
     return _power_of_two(block_d, "block_d"), block_t, block_n
 
 
-def _check(x, dt, A, B, C, D) -> None:
-    if x.dim() != 3 or dt.shape != x.shape:
-        raise ValueError(f"x and dt must both be (batch, d_inner, T); got {tuple(x.shape)} and {tuple(dt.shape)}")
-    b, d, T = x.shape
-    if A.dim() != 2 or A.shape[0] != d:
-        raise ValueError(f"A must be (d_inner={d}, d_state); got {tuple(A.shape)}")
-    n = A.shape[1]
-    for name, t in (("B", B), ("C", C)):
-        if tuple(t.shape) != (b, n, T):
-            raise ValueError(f"{name} must be (batch, d_state, T) = {(b, n, T)}; got {tuple(t.shape)}")
-    if D is not None and tuple(D.shape) != (d,):
-        raise ValueError(f"D must be (d_inner,) = ({d},); got {tuple(D.shape)}")
-
-
 def _is_float64(*tensors: torch.Tensor | None) -> bool:
     return any(t is not None and t.dtype == torch.float64 for t in tensors)
 
@@ -349,7 +335,7 @@ _KERNELS = {
 def _launch(direction: str, v, dt, A, B, C, D, variant: str, block_d: int | None, block_t: int | None) -> torch.Tensor:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
-    _check(v, dt, A, B, C, D)
+    check_shapes(v, dt, A, B, C, D)
     b, d, T = v.shape
     n = A.shape[1]
     out = torch.empty((b, d, T), dtype=torch.float32, device=v.device)

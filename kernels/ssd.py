@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mambalrp.functional.ssd import ssd_scan_fwd_torch, ssd_scan_lrp_bwd_torch
+from mambalrp.functional.ssd import check_shapes, ssd_scan_fwd_torch, ssd_scan_lrp_bwd_torch
 
 VARIANTS = ("chunked", "sequential")
 # Sequential kernels: upper bound on BLOCK_P * BLOCK_N, the state one program holds in registers
@@ -276,19 +276,9 @@ def _ssd_scan_lrp_bwd_chunked_kernel(
 
 
 def _check(x, dt, A, B, C, D) -> None:
-    if x.dim() != 4:
-        raise ValueError(f"x must be (batch, T, heads, head_dim); got {tuple(x.shape)}")
-    b, T, h, _ = x.shape
-    if tuple(dt.shape) != (b, T, h):
-        raise ValueError(f"dt must be (batch, T, heads) = {(b, T, h)}; got {tuple(dt.shape)}")
-    if tuple(A.shape) != (h,):
-        raise ValueError(f"A must be (heads,) = ({h},); got {tuple(A.shape)}")
+    check_shapes(x, dt, A, B, C, D)
     if B.shape != C.shape:
         raise ValueError(f"B and C must have the same shape; got {tuple(B.shape)} and {tuple(C.shape)}")
-    if B.dim() != 4 or B.shape[:2] != (b, T) or B.shape[2] == 0 or h % B.shape[2]:
-        raise ValueError(f"B and C must be (batch, T, groups, d_state) with heads % groups == 0; got {tuple(B.shape)}")
-    if D is not None and D.shape not in ((h,), (h, x.shape[-1])):
-        raise ValueError(f"D must be (heads,) or (heads, head_dim); got {tuple(D.shape)}")
 
 
 def _power_of_two(value: int, name: str) -> int:

@@ -57,3 +57,13 @@ def mask_padding(x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.
     if attention_mask is None:
         return x
     return (x * attention_mask[:, :, None]).to(x.dtype)
+
+
+def refuse_cache_and_non_silu(adapter_name: str, module: nn.Module, cache: object) -> None:
+    """Raise for what an HF-style mixer adapter cannot explain: a recurrent cache, a non-SiLU activation."""
+    from mambalrp.errors import MambaLRPError
+
+    if cache is not None:
+        raise MambaLRPError("explaining with a recurrent cache is not supported; call the model with use_cache=False")
+    if getattr(module, "activation", "silu") not in ("silu", "swish"):
+        raise MambaLRPError(f"{adapter_name}: activation {module.activation!r} is not SiLU")

@@ -16,12 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambalrp.adapters.base import Adapter, has_attrs, mask_padding
+from mambalrp.adapters.base import Adapter, has_attrs, mask_padding, refuse_cache_and_non_silu
 from mambalrp.context import LRPContext
-from mambalrp.errors import MambaLRPError
-
-_SILU = ("silu", "swish")
-
 
 class HFMambaMixerAdapter(Adapter):
     """``in_proj -> conv1d -> SiLU -> selective scan (x_proj, dt_proj, A_log, D) -> gate -> out_proj``."""
@@ -46,10 +42,7 @@ class HFMambaMixerAdapter(Adapter):
         attention_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        if cache_params is not None:
-            raise MambaLRPError("explaining with a recurrent cache is not supported; call the model with use_cache=False")
-        if getattr(module, "activation", "silu") not in _SILU:
-            raise MambaLRPError(f"{self.name}: activation {module.activation!r} is not SiLU")
+        refuse_cache_and_non_silu(self.name, module, cache_params)
         R = ctx.rules
         dtype = hidden_states.dtype
         d, n, rank = module.intermediate_size, module.ssm_state_size, module.time_step_rank

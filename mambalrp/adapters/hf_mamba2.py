@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambalrp.adapters.base import Adapter, has_attrs, mask_padding
+from mambalrp.adapters.base import Adapter, has_attrs, mask_padding, refuse_cache_and_non_silu
 from mambalrp.context import LRPContext
 from mambalrp.errors import MambaLRPError
 
@@ -36,10 +36,7 @@ class HFMamba2MixerAdapter(Adapter):
         attention_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        if cache_params is not None:
-            raise MambaLRPError("explaining with a recurrent cache is not supported; call the model with use_cache=False")
-        if getattr(module, "activation", "silu") not in ("silu", "swish"):
-            raise MambaLRPError(f"{self.name}: activation {module.activation!r} is not SiLU")
+        refuse_cache_and_non_silu(self.name, module, cache_params)
         R = ctx.rules
         b, T, _ = hidden_states.shape
         dtype = hidden_states.dtype

@@ -27,7 +27,8 @@ from mambalrp.functional.scan_fn import scan_lrp_function
 from mambalrp.functional.scan_core import acc, chunk_length, scan_forward
 
 
-def _check(x, dt, A, B, C, D) -> None:
+def check_shapes(x, dt, A, B, C, D) -> None:
+    """Raise ``ValueError`` naming the first argument whose shape does not fit the layout."""
     if x.dim() != 3 or dt.shape != x.shape:
         raise ValueError(f"x and dt must both be (batch, d_inner, T); got {tuple(x.shape)} and {tuple(dt.shape)}")
     b, d, T = x.shape
@@ -130,7 +131,7 @@ def selective_scan_lrp(x, dt, A, B, C, D=None) -> torch.Tensor:
     Returns:
         ``y`` ``(b, d, T)`` in float32. Only ``x`` receives a gradient.
     """
-    _check(x, dt, A, B, C, D)
+    check_shapes(x, dt, A, B, C, D)
     return SelectiveScanLRPFn.apply(x, dt, A, B, C, D)
 
 
@@ -149,7 +150,7 @@ def selective_scan_grad(x, dt, A, B, C, D=None, chunk: int | None = None) -> tor
     Each chunk is checkpointed, so memory stays linear in T; the backward recomputes one chunk
     at a time. Arguments as in :func:`selective_scan_lrp`.
     """
-    _check(x, dt, A, B, C, D)
+    check_shapes(x, dt, A, B, C, D)
     x32, dt32, A32, B32, C32 = (acc(t) for t in (x, dt, A, B, C))
     b, d, T = x.shape
     chunk = chunk or chunk_length(b, d, A.shape[1])

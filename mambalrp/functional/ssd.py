@@ -27,7 +27,8 @@ from mambalrp.functional.scan_core import acc
 DEFAULT_CHUNK = 64
 
 
-def _check(x, dt, A, B, C, D) -> None:
+def check_shapes(x, dt, A, B, C, D) -> None:
+    """Raise ``ValueError`` naming the first argument whose shape does not fit the layout."""
     if x.dim() != 4:
         raise ValueError(f"x must be (batch, T, heads, head_dim); got {tuple(x.shape)}")
     b, T, h, _ = x.shape
@@ -136,13 +137,13 @@ def ssd_scan_lrp(x, dt, A, B, C, D=None) -> torch.Tensor:
     Returns:
         ``y`` ``(b, T, h, p)`` in float32. Only ``x`` receives a gradient.
     """
-    _check(x, dt, A, B, C, D)
+    check_shapes(x, dt, A, B, C, D)
     return SSDScanLRPFn.apply(x, dt, A, B, C, D)
 
 
 def ssd_scan_grad(x, dt, A, B, C, D=None, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     """SSD scan with its true gradient; each chunk checkpointed. Arguments as in :func:`ssd_scan_lrp`."""
-    _check(x, dt, A, B, C, D)
+    check_shapes(x, dt, A, B, C, D)
     heads = x.shape[2]
     x32, dt32, A32 = acc(x), acc(dt), acc(A)
     B32, C32 = _heads(acc(B), heads), _heads(acc(C), heads)
