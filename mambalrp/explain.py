@@ -115,7 +115,7 @@ def _inputs(
 ) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
     """The module whose output is explained, the checked inputs and the checked mask."""
     if input_layer is None:
-        embedding = _input_embedding(model)
+        embedding = input_embedding(model)
         ids = _check_ids(input_ids, embedding)
         return embedding, ids, _check_mask(attention_mask, ids)
     if not isinstance(input_layer, nn.Module) or not any(m is input_layer for m in model.modules()):
@@ -127,7 +127,9 @@ def _inputs(
     return input_layer, input_ids, None
 
 
-def _input_embedding(model: nn.Module) -> nn.Embedding:
+def input_embedding(model: nn.Module) -> nn.Embedding:
+    """The model's input embedding: ``get_input_embeddings()``, the only ``nn.Embedding``, or a
+    submodule's ``get_input_embeddings()``; raises :class:`UnsupportedModelError` otherwise."""
     getter = getattr(model, "get_input_embeddings", None)
     if callable(getter):
         with contextlib.suppress(NotImplementedError, AttributeError):

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 import mambalrp
+from mambalrp.explain import input_embedding
 from mambalrp.rules import GRADIENT, MAMBALRP, RuleSet
 
 Method = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -34,20 +35,6 @@ SMOOTHGRAD_SAMPLES = 16
 SMOOTHGRAD_SIGMA = 0.15
 #: Integrated Gradients: Riemann midpoint steps from the zero embedding.
 IG_STEPS = 32
-
-
-def input_embedding(model: nn.Module) -> nn.Embedding:
-    """Return the model's input embedding (``get_input_embeddings()`` or the only ``nn.Embedding``)."""
-    getter = getattr(model, "get_input_embeddings", None)
-    if callable(getter):
-        with contextlib.suppress(NotImplementedError, AttributeError):
-            emb = getter()
-            if isinstance(emb, nn.Embedding):
-                return emb
-    found = [m for m in model.modules() if isinstance(m, nn.Embedding)]
-    if len(found) != 1:
-        raise ValueError(f"expected one nn.Embedding in {type(model).__name__}, found {len(found)}")
-    return found[0]
 
 
 @contextlib.contextmanager

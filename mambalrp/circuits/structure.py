@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from mambalrp.errors import UnsupportedModelError
+from mambalrp.explain import input_embedding
 
 
 @dataclass
@@ -105,17 +106,9 @@ def _default_finder(model: nn.Module) -> ModelStructure | None:
             break
     if blocks is None:
         return None
-    embedding = None
-    for owner in (model, blocks_owner):
-        getter = getattr(owner, "get_input_embeddings", None)
-        if callable(getter):
-            with contextlib.suppress(NotImplementedError, AttributeError):
-                embedding = getter()
-        if isinstance(embedding, nn.Module):
-            break
-    if not isinstance(embedding, nn.Module):
-        embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
-    if embedding is None:
+    try:
+        embedding = input_embedding(model)
+    except UnsupportedModelError:
         return None
     norm_f = next((getattr(blocks_owner, n) for n in ("norm_f", "norm", "final_norm") if hasattr(blocks_owner, n)), None)
     head = None
