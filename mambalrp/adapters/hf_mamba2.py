@@ -25,7 +25,7 @@ class HFMamba2MixerAdapter(Adapter):
             return False
         if not has_attrs(module, "num_heads", "head_dim", "n_groups", "ssm_state_size", "intermediate_size"):
             return False
-        return module.A_log.dim() == 1 and has_attrs(module.norm, "weight", "group_size")
+        return module.A_log.dim() == 1 and has_attrs(module.norm, "weight")
 
     def forward(
         self,
@@ -66,6 +66,9 @@ class HFMamba2MixerAdapter(Adapter):
         y = ctx.tap(module, "y", y.reshape(b, T, d))
         norm = module.norm
         eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
-        y = R.gated_rmsnorm(y, z, norm.weight, eps, norm.group_size, getattr(norm, "norm_before_gate", False))
+        # Older transformers releases (5.17 and before) normalise over the whole width whatever
+        # n_groups is (their MambaRMSNormGated has no group_size); follow the module's own forward.
+        group_size = getattr(norm, "group_size", d)
+        y = R.gated_rmsnorm(y, z, norm.weight, eps, group_size, getattr(norm, "norm_before_gate", False))
         y = ctx.tap(module, "gate", y)
         return ctx.tap(module, "out_proj", module.out_proj(y.to(dtype)))
