@@ -13,6 +13,7 @@ from torch import nn
 from mambalrp.context import lrp, plan
 from mambalrp.errors import InputError, UnsupportedModelError
 from mambalrp.explanation import Explanation
+from mambalrp.recompute import recompute_layers
 from mambalrp.rules import RuleSet, get_rules
 
 Target = int | torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None
@@ -28,6 +29,7 @@ def explain(
     rules: str | RuleSet = "mambalrp",
     return_hidden: bool = False,
     input_layer: nn.Module | None = None,
+    recompute: bool = False,
 ) -> Explanation:
     """Explain one output of ``model`` per batch item with MambaLRP.
 
@@ -58,6 +60,11 @@ def explain(
             (e.g. pixel values), the module's output should be ``(batch, tokens, dim)``, relevance
             is summed over its last dimension, and ``attention_mask`` must be ``None``. The
             explanation's ``input_ids`` field then holds that input tensor.
+        recompute: Keep only each layer's input during the forward and recompute the layer in
+            the backward (activation checkpointing, see :mod:`mambalrp.recompute`). Memory
+            falls from about ``layers x T x d_inner`` to ``layers x T x d_model``, for about one
+            more forward pass of time; the relevance is the same. For very long inputs (e.g.
+            128k tokens on a GPU).
 
     Returns:
         An :class:`~mambalrp.explanation.Explanation`.
@@ -68,10 +75,13 @@ def explain(
     """
     rule_set = get_rules(rules)
     embedding, ids, mask = _inputs(model, input_ids, attention_mask, input_layer)
-    plan(model, rule_set)  # fail before anything is touched
+    targets = plan(model, rule_set)  # fail before anything is touched
+    if not isinstance(recompute, bool):
+        raise InputError(f"recompute must be True or False; got {recompute!r}")
 
     pos = _positions(position, mask, ids) if input_layer is None else None
-    with _frozen(model), lrp(model, rule_set), _capture(embedding) as captured:
+    layers = recompute_layers(model, targets) if recompute else contextlib.nullcontext()
+    with _frozen(model), lrp(model, rule_set, patch_plan=targets), layers, _capture(embedding) as captured:
         with torch.enable_grad():
             output, first = _call(model, ids, mask, keep_from=None if pos is None else int(pos.min()))
             output = _output_tensor(output)

@@ -1,0 +1,93 @@
+"""Per-layer recomputation: keep only each layer's input during the forward, recompute the layer
+in the backward (activation checkpointing), so that very long inputs fit in memory.
+
+Without it, the backward keeps every layer's intermediates (for a Mamba-1 layer about ten
+``(T, d_inner)`` tensors), so memory grows as ``layers x T x d_inner``. With it, the forward keeps
+one ``(T, d_model)`` input per layer and the backward recomputes one layer at a time:
+``layers x T x d_model + T x d_inner``, for the cost of a second forward of every layer. The
+relevance is the same: the rules are deterministic, so the recomputed intermediates equal the
+first ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import torch.utils.checkpoint
+from torch import nn
+
+_MISSING = object()
+# Roles of the patched modules whose enclosing layer is recomputed.
+_LAYER_ROLES = ("mixer", "attention")
+
+
+def layers_to_recompute(model: nn.Module, targets: list[tuple[str, nn.Module, object]]) -> list[tuple[str, nn.Module]]:
+    """The modules to recompute: for each patched mixer or attention module, the element of an
+    ``nn.ModuleList`` that contains it (the residual block), or the module itself if none does.
+
+    Args:
+        model: The model.
+        targets: The patch plan, as returned by :func:`mambalrp.context.plan`.
+
+    Returns:
+        ``(qualified_name, module)`` pairs, each module once, in model order.
+    """
+    list_items: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList):
+            for child_name, child in module.named_children():
+                list_items[f"{name}.{child_name}" if name else child_name] = child
+    chosen: dict[str, nn.Module] = {}
+    for name, module, adapter in targets:
+        if getattr(adapter, "role", None) not in _LAYER_ROLES:
+            continue
+        parts = name.split(".")
+        block_name, block = name, module
+        for i in range(len(parts) - 1, 0, -1):
+            prefix = ".".join(parts[:i])
+            if prefix in list_items:
+                block_name, block = prefix, list_items[prefix]
+                break
+        chosen.setdefault(block_name, block)
+    # A block nested in another chosen block would be recomputed twice; keep the outer one.
+    names = sorted(chosen)
+    outer = [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(((n, chosen[n]) for n in outer), key=lambda item: order[item[0]])
+
+
+def _checkpointed(forward: Any, *args: Any, **kwargs: Any) -> Any:
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+@contextlib.contextmanager
+def recompute_layers(model: nn.Module, targets: list[tuple[str, nn.Module, object]]) -> Iterator[list[str]]:
+    """Inside the block, every layer found by :func:`layers_to_recompute` runs under
+    ``torch.utils.checkpoint`` (non-reentrant); on exit each gets back exactly the ``forward``
+    attribute it had, also after an exception.
+
+    Use it inside :func:`mambalrp.lrp` so that the recomputed forwards run under the rules too.
+
+    Args:
+        model: The model.
+        targets: The patch plan, as returned by :func:`mambalrp.context.plan`.
+
+    Yields:
+        The qualified names of the recomputed layers.
+    """
+    layers = layers_to_recompute(model, targets)
+    saved: list[tuple[nn.Module, object]] = []
+    try:
+        for _, module in layers:
+            saved.append((module, module.__dict__.get("forward", _MISSING)))
+            module.forward = functools.partial(_checkpointed, module.forward)
+        yield [name for name, _ in layers]
+    finally:
+        for module, previous in reversed(saved):
+            if previous is _MISSING:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
