@@ -66,6 +66,8 @@ def plan(model: nn.Module, rules: RuleSet) -> list[tuple[str, nn.Module, object]
     mixers = 0
     for name, module in model.named_modules():
         under = any(name.startswith(p + ".") for p in inside_mixer)
+        if under and not rules.patches_linear:
+            continue  # a mixer's adapter runs its submodules itself
         adapter = find_adapter(module)
         role = getattr(adapter, "role", None)
         if role == "linear":
@@ -124,7 +126,13 @@ def first_unmatched(model: nn.Module) -> tuple[str, nn.Module] | None:
 
 
 @contextlib.contextmanager
-def lrp(model: nn.Module, rules: str | RuleSet = "mambalrp", tap_fn: TapFn | None = None) -> Iterator[LRPContext]:
+def lrp(
+    model: nn.Module,
+    rules: str | RuleSet = "mambalrp",
+    tap_fn: TapFn | None = None,
+    *,
+    patch_plan: list[tuple[str, nn.Module, object]] | None = None,
+) -> Iterator[LRPContext]:
     """Run ``model`` under LRP rules inside a ``with`` block.
 
     The forward of each matched module instance is replaced by its adapter's forward; nothing
@@ -139,12 +147,14 @@ def lrp(model: nn.Module, rules: str | RuleSet = "mambalrp", tap_fn: TapFn | Non
         model: A model containing supported Mamba layers.
         rules: A preset name or :class:`~mambalrp.rules.RuleSet`.
         tap_fn: Optional tap on the intermediates adapters expose (see :class:`LRPContext`).
+        patch_plan: The result of :func:`plan` for this model and rule set, if the caller already
+            has it (saves matching the adapters again).
 
     Yields:
         The :class:`LRPContext` shared by all patched forwards.
     """
     ctx = LRPContext(rules=get_rules(rules), tap_fn=tap_fn)
-    targets = plan(model, ctx.rules)
+    targets = plan(model, ctx.rules) if patch_plan is None else patch_plan
     saved: list[tuple[nn.Module, object]] = []
     try:
         for name, module, adapter in targets:

@@ -48,8 +48,20 @@ class Adapter(ABC):
 
 
 def has_attrs(module: nn.Module, *names: str) -> bool:
-    """Whether ``module`` has every attribute in ``names``."""
-    return all(hasattr(module, n) for n in names)
+    """Whether ``module`` has every attribute in ``names`` (same answer as ``hasattr``).
+
+    Adapters are matched against every module of a model on each call, so the usual answer, "no",
+    is found without raising: ``nn.Module.__getattr__`` signals a missing name with an exception.
+    """
+    if type(module).__getattr__ is not nn.Module.__getattr__:
+        return all(hasattr(module, n) for n in names)  # a custom __getattr__ may answer anything
+    d = module.__dict__
+    for n in names:
+        if n in d or n in d.get("_parameters", ()) or n in d.get("_modules", ()) or n in d.get("_buffers", ()):
+            continue
+        if not hasattr(type(module), n) or not hasattr(module, n):
+            return False
+    return True
 
 
 def mask_padding(x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
