@@ -31,17 +31,22 @@ def scan_lrp_function(op: str, torch_fwd: ScanImpl, torch_bwd: ScanImpl, doc: st
         A Function whose ``apply(x, dt, A, B, C, D)`` returns ``y`` in the accumulation dtype.
     """
 
-    def implementations(x: torch.Tensor) -> tuple[ScanImpl, ScanImpl]:
+    def implementations(x: torch.Tensor) -> tuple[ScanImpl, ScanImpl, bool]:
         if dispatch.resolve(x, op) == "triton":
             kernels = dispatch.triton_kernels()
-            return getattr(kernels, op + "_fwd"), getattr(kernels, op + "_lrp_bwd")
-        return torch_fwd, torch_bwd
+            return getattr(kernels, op + "_fwd"), getattr(kernels, op + "_lrp_bwd"), True
+        return torch_fwd, torch_bwd, False
 
     class ScanLRPFn(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, dt, A, B, C, D):
-            fwd, _ = implementations(x)
+            fwd, _, kernel = implementations(x)
             coefficients = [acc(t) for t in (dt, A, B, C, D)]
+            if kernel:
+                # The kernels walk time within each channel: a contiguous time axis makes their
+                # loads coalesced. One copy here serves both the forward and the reverse scan
+                # (adapters often pass dt, B and C as transposed views of a projection).
+                coefficients = [None if t is None else t.contiguous() for t in coefficients]
             ctx.save_for_backward(*[t for t in coefficients if t is not None])
             ctx.has_d = D is not None
             ctx.x_dtype = x.dtype
@@ -52,7 +57,7 @@ def scan_lrp_function(op: str, torch_fwd: ScanImpl, torch_bwd: ScanImpl, doc: st
             saved = list(ctx.saved_tensors)
             D = saved.pop() if ctx.has_d else None
             dt, A, B, C = saved
-            _, bwd = implementations(grad_out)
+            _, bwd, _ = implementations(grad_out)
             dx = bwd(acc(grad_out).contiguous(), dt, A, B, C, D)
             return dx.to(ctx.x_dtype), None, None, None, None, None
 
