@@ -9,6 +9,8 @@ batch 1. For every model and sequence length it measures:
 * ``hf_forward``: the transformers forward under ``torch.no_grad()`` (without mamba_ssm installed
   this is transformers' torch path, which materialises ``(b, d, T, n)`` tensors);
 * ``explain``: ``mambalrp.explain(model, ids)``, one forward and one backward pass;
+* ``explain_recompute``: ``mambalrp.explain(model, ids, recompute=True)``, which keeps only each
+  layer's input and recomputes the layer in the backward (for lengths that do not fit otherwise);
 * ``paper_ref``: the same explanation with every selective scan replaced by autograd through the
   sequential reference ``selective_scan_ref(..., detach=True)``, the formulation of the original
   MambaLRP code (memory ``O(b * d * T * n)`` per layer).
@@ -56,9 +58,9 @@ MODELS: dict[str, dict[str, int]] = {
     "1.4b": {"hidden_size": 2048, "num_hidden_layers": 48, "state_size": 16, "vocab_size": 50280},
     "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "state_size": 16, "vocab_size": 1000},
 }
-METHODS = ("forward", "hf_forward", "explain", "paper_ref")
+METHODS = ("forward", "hf_forward", "explain", "explain_recompute", "paper_ref")
 # Methods whose scans run through the selected backend; the others are measured once per model.
-BACKEND_METHODS = ("forward", "explain")
+BACKEND_METHODS = ("forward", "explain", "explain_recompute")
 
 
 def parse_length(text: str) -> int:
@@ -315,15 +317,32 @@ def method_fn(method: str, model, wrapped, ids: torch.Tensor, backend: str | Non
         with dispatch.use_backend(backend):
             return mambalrp.explain(wrapped, ids).relevance
 
+    def explain_recompute():
+        with dispatch.use_backend(backend):
+            return mambalrp.explain(wrapped, ids, recompute=True).relevance
+
     def paper_ref():
         with dispatch.use_backend("torch"), paper_scans():
             return mambalrp.explain(wrapped, ids).relevance
 
-    return {"forward": project_forward, "hf_forward": hf_forward, "explain": explain, "paper_ref": paper_ref}[method]
+    return {
+        "forward": project_forward,
+        "hf_forward": hf_forward,
+        "explain": explain,
+        "explain_recompute": explain_recompute,
+        "paper_ref": paper_ref,
+    }[method]
 
 
-def run_scaling(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """All (model, method, backend, T) points, and the paper_ref consistency checks."""
+def run_scaling(
+    args: argparse.Namespace,
+    log: Callable[[str], None],
+    on_row: Callable[[list[dict[str, Any]]], None] = lambda rows: None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """All (model, method, backend, T) points, and the paper_ref consistency checks.
+
+    ``on_row(rows)`` is called after every measured point (the benchmark saves partial results).
+    """
     dtype = getattr(torch, args.dtype)
     hf_max, ref_max = parse_length(args.hf_max_seq), parse_length(args.ref_max_seq)
     rows: list[dict[str, Any]] = []
@@ -357,6 +376,7 @@ def run_scaling(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[l
                             failed = row["status"].split(":")[0]
                     rows.append(row)
                     log(_row_text(row))
+                    on_row(rows)
         if "paper_ref" in args.method_list:
             check = {"model": model_name, **check_paper_ref(wrapped, warm_ids)}
             log(f"paper_ref vs explain at T={check['seq_len']}: {check['reference_scan_calls']} reference scans, "
@@ -573,14 +593,18 @@ def main(argv: list[str] | None = None) -> int:
         report["environment"]["hf_fast_path"] = bool(getattr(modeling_mamba, "is_fast_path_available", False))
     except ImportError:
         pass
-    t0 = time.perf_counter()
-    report["results"], report["paper_ref_checks"] = run_scaling(args, log)
-    report["bandwidth"] = None if args.no_bandwidth else kernel_bandwidth(args, log)
-    report["total_time_s"] = time.perf_counter() - t0
-
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path, png_path = (out_dir / f"{args.name}{ext}" for ext in (".json", ".md", ".png"))
+
+    def save_partial(rows: list[dict[str, Any]]) -> None:
+        json_path.write_text(json.dumps({**report, "results": rows, "partial": True}, indent=2, default=str) + "\n")
+
+    t0 = time.perf_counter()
+    report["results"], report["paper_ref_checks"] = run_scaling(args, log, save_partial)
+    report["bandwidth"] = None if args.no_bandwidth else kernel_bandwidth(args, log)
+    report["total_time_s"] = time.perf_counter() - t0
+
     json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     md_path.write_text(markdown(report))
     written = [json_path, md_path]
