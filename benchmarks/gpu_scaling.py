@@ -78,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-lens", default=None, help="comma list, k = 1024 (default 1k,4k,16k,64k,128k)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma list of: " + ", ".join(METHODS))
     p.add_argument("--backends", default=None, help="scan backends for forward/explain (default triton,torch)")
+    p.add_argument("--scan-variant", default=None, help="Triton selective-scan variant (default: the kernels' default)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point (median reported)")
     p.add_argument("--slow-repeats", type=int, default=1, help="timed runs for hf_forward and paper_ref")
@@ -580,6 +581,10 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
+    if args.scan_variant is not None:
+        from mambalrp.kernels import selective_scan as scan_kernels
+
+        scan_kernels.DEFAULT_VARIANT = args.scan_variant
     torch.manual_seed(args.seed)
     report: dict[str, Any] = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -102,7 +102,16 @@ MAMBA1_CASES = [
     ("chunked", 2, 5, 37, 3, 2, 8, False),  # 5 tiles (the last partial), several channel blocks
     ("chunked", 1, 3, 1, 16, None, None, True),
     ("chunked", 3, 6, 16, 5, 4, 4, True),  # tiles that divide T exactly
+    ("tiled", 2, 5, 37, 3, None, None, True),  # one tile of 64 steps, 27 of them past T
+    ("tiled", 2, 5, 37, 3, 2, 8, False),  # 5 tiles (the last partial), several channel blocks
+    ("tiled", 1, 3, 1, 16, None, None, True),
+    ("tiled", 3, 6, 16, 5, 4, 4, True),  # tiles that divide T exactly
+    ("tiled", 2, 7, 45, 6, 4, 16, True),  # 3 tiles (the last partial), 2 channel blocks, n not a power of two
 ]
+
+# Tiled kernels with small explicit blocks: (block_d, block_t) over d = 7, T = 29 (not a multiple
+# of any block_t), from one step per tile to a single tile.
+TILED_BLOCKS = [(1, 1), (2, 2), (1, 4), (8, 8), (2, 32), (4, 64)]
 
 
 @pytest.mark.parametrize("variant,b,d,T,n,block_d,block_t,has_d", MAMBA1_CASES)
@@ -119,7 +128,22 @@ def test_selective_scan_kernels_match_torch_and_reference(variant, b, d, T, n, b
     torch.testing.assert_close(dx, dx_ref, **TOL)
 
 
-@pytest.mark.parametrize("variant", ["chunked", "sequential"])
+@pytest.mark.parametrize("block_d,block_t", TILED_BLOCKS)
+def test_selective_scan_tiled_kernels_with_small_blocks(block_d, block_t):
+    b, d, T, n = 2, 7, 29, 3
+    args, g = mamba1_inputs(b, d, T, n, seed=5)
+    opts = {"variant": "tiled", "block_d": block_d, "block_t": block_t}
+    y = kernels.selective_scan_fwd(*args, **opts)
+    dx = kernels.selective_scan_lrp_bwd(g, *args[1:], **opts)
+    torch.testing.assert_close(y, selective_scan_fwd_torch(*args), **TOL)
+    torch.testing.assert_close(dx, selective_scan_lrp_bwd_torch(g, *args[1:]), **TOL)
+    # The tiled, chunked and sequential kernels agree.
+    for variant in ("chunked", "sequential"):
+        torch.testing.assert_close(y, kernels.selective_scan_fwd(*args, variant=variant), **TOL)
+        torch.testing.assert_close(dx, kernels.selective_scan_lrp_bwd(g, *args[1:], variant=variant), **TOL)
+
+
+@pytest.mark.parametrize("variant", ["chunked", "sequential", "tiled"])
 def test_selective_scan_kernels_accept_strided_inputs(variant):
     # Time-major storage viewed as (b, d, T), and a transposed A: the kernels read by strides.
     b, d, T, n = 2, 3, 9, 4
@@ -160,6 +184,19 @@ def test_selective_scan_fn_with_triton_backend(has_d):
     y_ref, dx_ref = ref_grad(selective_scan_ref, args, g)
     torch.testing.assert_close(outs["triton"][0], y_ref, **TOL)
     torch.testing.assert_close(outs["triton"][1], dx_ref, **TOL)
+
+
+@pytest.mark.parametrize("variant", ["chunked", "sequential", "tiled"])
+def test_selective_scan_kernel_variants_take_bf16_inputs(variant):
+    args, g = mamba1_inputs(2, 5, 13, 3, seed=2)
+    args16 = [t.to(torch.bfloat16) for t in args]
+    g16 = g.to(torch.bfloat16)
+    up = [t.float() for t in args16]
+    y = kernels.selective_scan_fwd(*args16, variant=variant)
+    dx = kernels.selective_scan_lrp_bwd(g16, *args16[1:], variant=variant)
+    assert y.dtype == dx.dtype == torch.float32
+    torch.testing.assert_close(y, selective_scan_fwd_torch(*up), **TOL)
+    torch.testing.assert_close(dx, selective_scan_lrp_bwd_torch(g16.float(), *up[1:]), **TOL)
 
 
 def test_selective_scan_bf16_inputs_accumulate_in_fp32():
@@ -204,6 +241,10 @@ def test_selective_scan_kernels_reject_bad_shapes():
         kernels.selective_scan_lrp_bwd(x, dt, A, B, C, D, block_t=6)
     with pytest.raises(ValueError):
         kernels.selective_scan_fwd(x, dt, A, B, C, D, variant="unrolled")
+    with pytest.raises(ValueError):
+        kernels.selective_scan_fwd(x, dt, A, B, C, D, variant="tiled", block_t=3)
+    with pytest.raises(ValueError):
+        kernels.selective_scan_lrp_bwd(x, dt, A, B, C, D, variant="sequential", block_t=8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,6 +452,10 @@ COMPILE_SCRIPT = textwrap.dedent(
     block_d, _, block_n = selective_scan._blocks(1536, 16, 4096, "sequential", None, None)
     chunk_d, chunk_t, _ = selective_scan._blocks(1536, 16, 4096, "chunked", None, None)
     chunked = dict(BLOCK_D=chunk_d, BLOCK_T=chunk_t, BLOCK_N=block_n)
+    tile_d, tile_t, _ = selective_scan._blocks(1536, 16, 4096, "tiled", None, None)
+    tiled = dict(BLOCK_D=tile_d, BLOCK_T=tile_t, BLOCK_N=block_n, N_STATE=16)
+    # A d_state that is not a power of two (the carried state is padded), small blocks.
+    tiled_small = dict(BLOCK_D=2, BLOCK_T=64, BLOCK_N=8, N_STATE=5)
     block_p, _, block_ns = ssd._blocks(64, 128, "sequential")
     ssd_p, ssd_t, ssd_n = ssd._blocks(64, 128, "chunked")
     ssd_chunked = dict(BLOCK_P=ssd_p, BLOCK_T=ssd_t, BLOCK_N=ssd_n)
@@ -419,9 +464,15 @@ COMPILE_SCRIPT = textwrap.dedent(
         (selective_scan._selective_scan_lrp_bwd_kernel, dict(HAS_D=False, BLOCK_D=block_d, BLOCK_N=block_n), "fp32", 80),
         (selective_scan._selective_scan_fwd_chunked_kernel, dict(HAS_D=False, **chunked), "fp32", 80),
         (selective_scan._selective_scan_lrp_bwd_chunked_kernel, dict(HAS_D=True, **chunked), "bf16", 90),
+        (selective_scan._selective_scan_fwd_tiled_kernel, dict(HAS_D=True, **tiled), "bf16", 90),
+        (selective_scan._selective_scan_lrp_bwd_tiled_kernel, dict(HAS_D=False, **tiled), "fp32", 80),
+        (selective_scan._selective_scan_fwd_tiled_kernel, dict(HAS_D=False, **tiled_small), "fp32", 80),
+        (selective_scan._selective_scan_lrp_bwd_tiled_kernel, dict(HAS_D=True, **tiled_small), "bf16", 90),
         (ssd._ssd_scan_fwd_kernel, dict(HAS_D=False, BLOCK_P=block_p, BLOCK_N=block_ns), "fp32", 80),
         (ssd._ssd_scan_lrp_bwd_kernel, dict(HAS_D=True, BLOCK_P=block_p, BLOCK_N=block_ns), "bf16", 90),
     ]
+    missing = set(selective_scan._KERNELS.values()) - {case[0] for case in cases}
+    assert not missing, sorted(k.fn.__name__ for k in missing)
     for kernel, constexprs, x_type, arch in cases:
         build(kernel, constexprs, x_type, arch)
     build(ssd._ssd_scan_fwd_chunked_kernel, dict(HAS_D=True, **ssd_chunked), "bf16", 90, ssd.CHUNK_NUM_WARPS)
@@ -454,7 +505,7 @@ def test_kernels_compile_for_gpu_targets():
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("variant", ["chunked", "sequential"])
+@pytest.mark.parametrize("variant", ["chunked", "sequential", "tiled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_selective_scan_kernels_gpu_sizes(dtype, variant):
     # mamba-130m: d_inner 1536, d_state 16; a T that is not a multiple of any block size.
