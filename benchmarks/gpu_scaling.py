@@ -11,6 +11,8 @@ batch 1. For every model and sequence length it measures:
 * ``explain``: ``mambalrp.explain(model, ids)``, one forward and one backward pass;
 * ``explain_recompute``: ``mambalrp.explain(model, ids, recompute=True)``, which keeps only each
   layer's input and recomputes the layer in the backward (for lengths that do not fit otherwise);
+* ``explain_partial``: the same with ``recompute=<--recompute-share>``, recomputing only that
+  share of the layers (evenly spaced);
 * ``paper_ref``: the same explanation with every selective scan replaced by autograd through the
   sequential reference ``selective_scan_ref(..., detach=True)``, the formulation of the original
   MambaLRP code (memory ``O(b * d * T * n)`` per layer).
@@ -58,9 +60,9 @@ MODELS: dict[str, dict[str, int]] = {
     "1.4b": {"hidden_size": 2048, "num_hidden_layers": 48, "state_size": 16, "vocab_size": 50280},
     "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "state_size": 16, "vocab_size": 1000},
 }
-METHODS = ("forward", "hf_forward", "explain", "explain_recompute", "paper_ref")
+METHODS = ("forward", "hf_forward", "explain", "explain_recompute", "explain_partial", "paper_ref")
 # Methods whose scans run through the selected backend; the others are measured once per model.
-BACKEND_METHODS = ("forward", "explain", "explain_recompute")
+BACKEND_METHODS = ("forward", "explain", "explain_recompute", "explain_partial")
 
 
 def parse_length(text: str) -> int:
@@ -79,6 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(METHODS), help="comma list of: " + ", ".join(METHODS))
     p.add_argument("--backends", default=None, help="scan backends for forward/explain (default triton,torch)")
     p.add_argument("--scan-variant", default=None, help="Triton selective-scan variant (default: the kernels' default)")
+    p.add_argument("--recompute-share", type=float, default=0.5, help="share of layers recomputed by explain_partial")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point (median reported)")
     p.add_argument("--slow-repeats", type=int, default=1, help="timed runs for hf_forward and paper_ref")
@@ -297,7 +300,9 @@ def build_model(name: str, dtype: torch.dtype, device: str, seed: int) -> torch.
     return model.to(dtype).eval()
 
 
-def method_fn(method: str, model, wrapped, ids: torch.Tensor, backend: str | None, last_only: bool) -> Callable[[], Any]:
+def method_fn(
+    method: str, model, wrapped, ids: torch.Tensor, backend: str | None, last_only: bool, share: float = 0.5
+) -> Callable[[], Any]:
     """The callable measured for one method."""
     import mambalrp
     from mambalrp.functional import dispatch
@@ -322,6 +327,10 @@ def method_fn(method: str, model, wrapped, ids: torch.Tensor, backend: str | Non
         with dispatch.use_backend(backend):
             return mambalrp.explain(wrapped, ids, recompute=True).relevance
 
+    def explain_partial():
+        with dispatch.use_backend(backend):
+            return mambalrp.explain(wrapped, ids, recompute=share).relevance
+
     def paper_ref():
         with dispatch.use_backend("torch"), paper_scans():
             return mambalrp.explain(wrapped, ids).relevance
@@ -331,6 +340,7 @@ def method_fn(method: str, model, wrapped, ids: torch.Tensor, backend: str | Non
         "hf_forward": hf_forward,
         "explain": explain,
         "explain_recompute": explain_recompute,
+        "explain_partial": explain_partial,
         "paper_ref": paper_ref,
     }[method]
 
@@ -361,7 +371,7 @@ def run_scaling(
             for backend in backends:
                 limit = {"hf_forward": hf_max, "paper_ref": ref_max}.get(method)
                 repeats = args.slow_repeats if method in ("hf_forward", "paper_ref") else args.repeats
-                measure(method_fn(method, model, wrapped, warm_ids, backend, args.last_logit_only), args.device, 1)
+                measure(method_fn(method, model, wrapped, warm_ids, backend, args.last_logit_only, args.recompute_share), args.device, 1)
                 failed = None
                 for T in args.seq_list:
                     row = {"model": model_name, "params": n_params, "method": method, "backend": backend, "seq_len": T}
@@ -371,7 +381,7 @@ def run_scaling(
                         row.update(status="skipped (longer than the limit for this method)", time_s=None, peak_mem_bytes=None)
                     else:
                         ids = torch.randint(0, vocab, (1, T), generator=gen).to(args.device)
-                        row.update(measure(method_fn(method, model, wrapped, ids, backend, args.last_logit_only), args.device, repeats))
+                        row.update(measure(method_fn(method, model, wrapped, ids, backend, args.last_logit_only, args.recompute_share), args.device, repeats))
                         del ids
                         if row["status"] != "ok":
                             failed = row["status"].split(":")[0]

@@ -29,7 +29,7 @@ def explain(
     rules: str | RuleSet = "mambalrp",
     return_hidden: bool = False,
     input_layer: nn.Module | None = None,
-    recompute: bool = False,
+    recompute: bool | float = False,
 ) -> Explanation:
     """Explain one output of ``model`` per batch item with MambaLRP.
 
@@ -64,7 +64,8 @@ def explain(
             the backward (activation checkpointing, see :mod:`mambalrp.recompute`). Memory
             falls from about ``layers x T x d_inner`` to ``layers x T x d_model``, for about one
             more forward pass of time; the relevance is the same. For very long inputs (e.g.
-            128k tokens on a GPU).
+            128k tokens on a GPU). A float in ``(0, 1]`` recomputes that share of the layers
+            (evenly spaced): memory saved and time added both scale with it.
 
     Returns:
         An :class:`~mambalrp.explanation.Explanation`.
@@ -76,11 +77,10 @@ def explain(
     rule_set = get_rules(rules)
     embedding, ids, mask = _inputs(model, input_ids, attention_mask, input_layer)
     targets = plan(model, rule_set)  # fail before anything is touched
-    if not isinstance(recompute, bool):
-        raise InputError(f"recompute must be True or False; got {recompute!r}")
+    fraction = _recompute_fraction(recompute)
 
     pos = _positions(position, mask, ids) if input_layer is None else None
-    layers = recompute_layers(model, targets) if recompute else contextlib.nullcontext()
+    layers = recompute_layers(model, targets, fraction) if fraction else contextlib.nullcontext()
     with _frozen(model), lrp(model, rule_set, patch_plan=targets), layers, _capture(embedding) as captured:
         with torch.enable_grad():
             output, first = _call(model, ids, mask, keep_from=None if pos is None else int(pos.min()))
@@ -118,6 +118,15 @@ def explain(
         rules=rule_set.name,
         hidden_relevance=hidden if return_hidden else None,
     )
+
+
+def _recompute_fraction(recompute: Any) -> float:
+    """``recompute`` as the share of layers to recompute (0 for none)."""
+    if isinstance(recompute, bool):
+        return 1.0 if recompute else 0.0
+    if isinstance(recompute, (int, float)) and 0.0 < recompute <= 1.0:
+        return float(recompute)
+    raise InputError(f"recompute must be True, False or a share of the layers in (0, 1]; got {recompute!r}")
 
 
 def _inputs(

@@ -59,26 +59,41 @@ def layers_to_recompute(model: nn.Module, targets: list[tuple[str, nn.Module, ob
     return sorted(((n, chosen[n]) for n in outer), key=lambda item: order[item[0]])
 
 
+def spread(items: list, fraction: float) -> list:
+    """``round(fraction * len(items))`` of ``items`` (at least one if ``fraction > 0``), evenly spaced.
+
+    ``fraction = 0.5`` keeps every other item; ``1.0`` keeps all.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1]; got {fraction}")
+    count = max(1, round(fraction * len(items))) if items else 0
+    return [item for i, item in enumerate(items) if (i + 1) * count // len(items) > i * count // len(items)]
+
+
 def _checkpointed(forward: Any, *args: Any, **kwargs: Any) -> Any:
     return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 @contextlib.contextmanager
-def recompute_layers(model: nn.Module, targets: list[tuple[str, nn.Module, object]]) -> Iterator[list[str]]:
-    """Inside the block, every layer found by :func:`layers_to_recompute` runs under
-    ``torch.utils.checkpoint`` (non-reentrant); on exit each gets back exactly the ``forward``
-    attribute it had, also after an exception.
+def recompute_layers(
+    model: nn.Module, targets: list[tuple[str, nn.Module, object]], fraction: float = 1.0
+) -> Iterator[list[str]]:
+    """Inside the block, the layers found by :func:`layers_to_recompute` (all of them, or an evenly
+    spaced ``fraction``) run under ``torch.utils.checkpoint`` (non-reentrant); on exit each gets
+    back exactly the ``forward`` attribute it had, also after an exception.
 
     Use it inside :func:`mambalrp.lrp` so that the recomputed forwards run under the rules too.
 
     Args:
         model: The model.
         targets: The patch plan, as returned by :func:`mambalrp.context.plan`.
+        fraction: Share of the layers to recompute, in ``(0, 1]``: memory and the extra time
+            both scale with it.
 
     Yields:
         The qualified names of the recomputed layers.
     """
-    layers = layers_to_recompute(model, targets)
+    layers = spread(layers_to_recompute(model, targets), fraction)
     saved: list[tuple[nn.Module, object]] = []
     try:
         for _, module in layers:

@@ -8,9 +8,10 @@ import torch
 from conftest import FAMILIES, assert_same_state, snapshot
 
 import mambalrp
+import mambalrp.testing
 from mambalrp.context import plan
 from mambalrp.errors import InputError
-from mambalrp.recompute import layers_to_recompute, recompute_layers
+from mambalrp.recompute import layers_to_recompute, recompute_layers, spread
 from mambalrp.rules import get_rules
 
 
@@ -108,7 +109,37 @@ def test_recompute_layers_restores_existing_instance_forward():
     assert block.__dict__["forward"] is own
 
 
-def test_recompute_must_be_a_bool():
+@pytest.mark.parametrize("bad", ["yes", 0.0, 1.5, -1, None])
+def test_recompute_must_be_a_bool_or_a_share(bad):
     model = FAMILIES["mamba"](0)
-    with pytest.raises(InputError, match="recompute must be True or False"):
-        mambalrp.explain(model, _ids(), recompute="yes")
+    with pytest.raises(InputError, match="recompute must be True, False or a share"):
+        mambalrp.explain(model, _ids(), recompute=bad)
+
+
+def test_spread_picks_evenly_spaced_items():
+    assert spread(list(range(8)), 0.5) == [1, 3, 5, 7]
+    assert spread(list(range(8)), 1.0) == list(range(8))
+    assert spread(list(range(8)), 0.01) == [7]
+    assert len(spread(list(range(24)), 0.25)) == 6
+    with pytest.raises(ValueError):
+        spread([1, 2], 0.0)
+
+
+def test_a_share_of_the_layers_is_recomputed():
+    model = mambalrp.testing.tiny_mamba(0, num_hidden_layers=4)
+    ids = _ids(t=40)
+    calls = {name: 0 for name in range(4)}
+    handles = [
+        layer.mixer.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, layer in enumerate(model.backbone.layers)
+    ]
+    try:
+        plain = mambalrp.explain(model, ids)
+        for i in calls:
+            calls[i] = 0
+        half = mambalrp.explain(model, ids, recompute=0.5)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == {0: 1, 1: 2, 2: 1, 3: 2}
+    assert torch.equal(plain.relevance, half.relevance)
