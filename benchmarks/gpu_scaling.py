@@ -404,7 +404,8 @@ def _row_text(row: dict[str, Any]) -> str:
     return f"{row['model']:>5} {row['method']:<10} {str(row['backend']):<6} T={row['seq_len']:<7} {t:>11} {m:>11}  {row['status']}"
 
 
-def _cuda_time(fn: Callable[[], Any], repeats: int) -> float:
+def cuda_time(fn: Callable[[], Any], repeats: int) -> float:
+    """Median seconds per call over ``repeats`` CUDA-event timed calls after one warm-up."""
     fn()
     torch.cuda.synchronize()
     times = []
@@ -421,7 +422,7 @@ def _cuda_time(fn: Callable[[], Any], repeats: int) -> float:
 def kernel_bandwidth(
     args: argparse.Namespace,
     log: Callable[[str], None],
-    timer: Callable[[Callable[[], Any], int], float] = _cuda_time,
+    timer: Callable[[Callable[[], Any], int], float] = cuda_time,
     copy_bytes: int = 1 << 30,
 ) -> dict[str, Any]:
     """Achieved bandwidth of the selective-scan kernels at one T vs a device-to-device copy.
@@ -433,7 +434,7 @@ def kernel_bandwidth(
     from mambalrp.functional.selective_scan import selective_scan_fwd_torch, selective_scan_lrp_bwd_torch
 
     kernels = dispatch.triton_kernels()
-    if kernels is None or (timer is _cuda_time and not args.device.startswith("cuda")):
+    if kernels is None or (timer is cuda_time and not args.device.startswith("cuda")):
         return {"status": "skipped (needs CUDA and the Triton kernels)"}
     T = parse_length(args.bandwidth_seq)
     src = torch.empty(copy_bytes // 4, dtype=torch.float32, device=args.device)

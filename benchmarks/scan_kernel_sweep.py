@@ -22,7 +22,6 @@ import argparse
 import datetime as _dt
 import itertools
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from gpu_scaling import environment, parse_length  # noqa: E402
+from gpu_scaling import cuda_time, environment, parse_length  # noqa: E402
 
 
 def nominal_peak_bandwidth() -> float | None:
@@ -48,21 +47,6 @@ def nominal_peak_bandwidth() -> float | None:
         return 2.0 * clock_mhz * 1e6 * bus_bits / 8
     except Exception:  # noqa: BLE001 - NVML missing or not answering
         return None
-
-
-def cuda_time(fn, repeats: int) -> float:
-    """Median seconds per call over ``repeats`` CUDA-event timed calls after one warm-up."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:

@@ -155,13 +155,28 @@ def lrp(
     """
     ctx = LRPContext(rules=get_rules(rules), tap_fn=tap_fn)
     targets = plan(model, ctx.rules) if patch_plan is None else patch_plan
-    saved: list[tuple[nn.Module, object]] = []
-    try:
+    with patched_forwards() as patch:
         for name, module, adapter in targets:
-            saved.append((module, module.__dict__.get("forward", _MISSING)))
             ctx.module_names[module] = name
-            module.forward = functools.partial(adapter.forward, module, ctx)
+            patch(module, functools.partial(adapter.forward, module, ctx))
         yield ctx
+
+
+@contextlib.contextmanager
+def patched_forwards() -> Iterator[Callable[[nn.Module, Callable], None]]:
+    """Yield ``patch(module, forward)``, which sets an instance ``forward`` on ``module``.
+
+    On exit, also after an exception, every patched module gets back exactly the ``forward``
+    attribute it had: none (the class's method), or the instance attribute a user had set.
+    """
+    saved: list[tuple[nn.Module, object]] = []
+
+    def patch(module: nn.Module, forward: Callable) -> None:
+        saved.append((module, module.__dict__.get("forward", _MISSING)))
+        module.forward = forward
+
+    try:
+        yield patch
     finally:
         for module, previous in reversed(saved):
             if previous is _MISSING:

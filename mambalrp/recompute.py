@@ -19,7 +19,8 @@ from typing import Any
 import torch.utils.checkpoint
 from torch import nn
 
-_MISSING = object()
+from mambalrp.context import patched_forwards
+
 # Roles of the patched modules whose enclosing layer is recomputed.
 _LAYER_ROLES = ("mixer", "attention")
 
@@ -94,15 +95,7 @@ def recompute_layers(
         The qualified names of the recomputed layers.
     """
     layers = spread(layers_to_recompute(model, targets), fraction)
-    saved: list[tuple[nn.Module, object]] = []
-    try:
+    with patched_forwards() as patch:
         for _, module in layers:
-            saved.append((module, module.__dict__.get("forward", _MISSING)))
-            module.forward = functools.partial(_checkpointed, module.forward)
+            patch(module, functools.partial(_checkpointed, module.forward))
         yield [name for name, _ in layers]
-    finally:
-        for module, previous in reversed(saved):
-            if previous is _MISSING:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = previous
