@@ -38,7 +38,7 @@ def tiny_mamba(
         conv_kernel=4,
         **config,
     )
-    return _randomise(model_cls(cfg), seed, zero_biases)
+    return randomise(model_cls(cfg), seed, zero_biases)
 
 
 def tiny_mamba2(
@@ -70,10 +70,15 @@ def tiny_mamba2(
         conv_kernel=4,
         **config,
     )
-    return _randomise(Mamba2ForCausalLM(cfg), seed, zero_biases)
+    return randomise(Mamba2ForCausalLM(cfg), seed, zero_biases)
 
 
-def _randomise(model: nn.Module, seed: int, zero_biases: bool) -> nn.Module:
+def randomise(model: nn.Module, seed: int = 0, zero_biases: bool = False) -> nn.Module:
+    """Give ``model`` random weights large enough that every layer matters; return it in eval mode.
+
+    ``A_log`` uniform in [-1, 1], norm weights near 1, ``dt`` biases in [-3, -1], other biases
+    small (or zero with ``zero_biases``), matrices scaled by ``1 / sqrt(fan_in)``.
+    """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -10,6 +10,8 @@ import warnings
 import torch
 import transformers as T
 
+from mambalrp.testing import randomise
+
 
 def jamba() -> T.PreTrainedModel:
     """Mamba-1 (with dt/B/C norms), attention without rotary, gated MLP and MoE layers."""
@@ -73,19 +75,4 @@ HYBRIDS = {f.__name__: f for f in (jamba, bamba, nemotron_h, zamba2, granitemoeh
 
 def make(family: str, seed: int = 0, zero_biases: bool = False) -> torch.nn.Module:
     """A randomised tiny model of ``family`` in eval mode (weights large enough that every layer matters)."""
-    model = HYBRIDS[family]()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("A_log"):
-                p.copy_(torch.rand(p.shape, generator=gen) * 2.0 - 1.0)
-            elif name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
-            elif name.endswith(("dt_bias", "dt_proj.bias")):
-                p.copy_(torch.rand(p.shape, generator=gen) * 2.0 - 3.0)
-            elif name.endswith("bias"):
-                p.copy_(0.0 if zero_biases else 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                fan_in = p.shape[-1] if p.dim() > 1 else 1
-                p.copy_(torch.randn(p.shape, generator=gen) / max(1.0, fan_in**0.5))
-    return model.eval()
+    return randomise(HYBRIDS[family](), seed, zero_biases)
