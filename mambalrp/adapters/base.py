@@ -77,5 +77,12 @@ def refuse_cache_and_non_silu(adapter_name: str, module: nn.Module, cache: objec
 
     if cache is not None:
         raise MambaLRPError("explaining with a recurrent cache is not supported; call the model with use_cache=False")
+    refuse_non_silu(adapter_name, module)
+
+
+def refuse_non_silu(adapter_name: str, module: nn.Module) -> None:
+    """Raise unless the mixer's activation is SiLU (the only one the rules cover)."""
+    from mambalrp.errors import MambaLRPError
+
     if getattr(module, "activation", "silu") not in ("silu", "swish"):
         raise MambaLRPError(f"{adapter_name}: activation {module.activation!r} is not SiLU")

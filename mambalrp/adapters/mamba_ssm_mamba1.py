@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambalrp.adapters.base import Adapter, has_attrs
+from mambalrp.adapters.base import Adapter, has_attrs, refuse_non_silu
 from mambalrp.context import LRPContext
 from mambalrp.errors import MambaLRPError
 from mambalrp.rules import RuleSet
@@ -73,12 +73,6 @@ def mamba1_branch(
     return R.mul(y, ctx.tap(module, tag + "gate", R.act(z.float())))
 
 
-def check_activation(adapter: Adapter, module: nn.Module) -> None:
-    """Raise unless the mixer's activation is SiLU."""
-    if getattr(module, "activation", "silu") not in ("silu", "swish"):
-        raise MambaLRPError(f"{adapter.name}: activation {module.activation!r} is not SiLU")
-
-
 class MambaSSMMixerAdapter(Adapter):
     """mamba_ssm ``Mamba`` (Mamba-1): matched by ``d_inner``/``d_state``/``dt_rank`` naming."""
 
@@ -96,7 +90,7 @@ class MambaSSMMixerAdapter(Adapter):
     ) -> torch.Tensor:
         if inference_params is not None:
             raise MambaLRPError("explaining with inference_params (a recurrent cache) is not supported")
-        check_activation(self, module)
+        refuse_non_silu(self.name, module)
         dtype = hidden_states.dtype
         xz = ctx.tap(module, "in_proj", module.in_proj(hidden_states)).transpose(1, 2)
         y = mamba1_branch(

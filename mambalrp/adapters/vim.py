@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mambalrp.adapters.base import Adapter, has_attrs
-from mambalrp.adapters.mamba_ssm_mamba1 import _MAMBA_SSM_ATTRS, check_activation, mamba1_branch
+from mambalrp.adapters.base import Adapter, has_attrs, refuse_non_silu
+from mambalrp.adapters.mamba_ssm_mamba1 import _MAMBA_SSM_ATTRS, mamba1_branch
 from mambalrp.context import LRPContext
 from mambalrp.errors import MambaLRPError
 
@@ -36,7 +36,7 @@ class VimBiMambaAdapter(Adapter):
     ) -> torch.Tensor:
         if inference_params is not None:
             raise MambaLRPError("explaining with inference_params (a recurrent cache) is not supported")
-        check_activation(self, module)
+        refuse_non_silu(self.name, module)
         R = ctx.rules
         dtype = hidden_states.dtype
         xz = ctx.tap(module, "in_proj", module.in_proj(hidden_states)).transpose(1, 2)  # (b, 2d, T)
