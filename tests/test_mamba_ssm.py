@@ -16,6 +16,7 @@ RMSNorm, both mixers); conservation and rule coverage with biases zeroed.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 import types
@@ -45,6 +46,11 @@ if importlib.util.find_spec("mamba_ssm") is None:
     pytest.skip("mamba_ssm is not installed", allow_module_level=True)
 
 
+_HF_FAMILIES_WITH_MAMBA_SSM_PATHS = (
+    "mamba", "falcon_mamba", "mamba2", "jamba", "bamba", "nemotron_h", "zamba2", "granitemoehybrid", "falcon_h1",
+)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def mamba_ssm_classes():
     """Import mamba_ssm with the stand-in for the duration of this module only, then remove both
@@ -52,6 +58,13 @@ def mamba_ssm_classes():
     mamba_ssm's GPU kernels, which other test modules must not see."""
     global MambaConfig, MambaLMHeadModel
     has_extension = importlib.util.find_spec("selective_scan_cuda") is not None
+    if not has_extension:
+        # transformers binds each modeling module to mamba_ssm's kernels or to its torch path when
+        # the module is first imported: import them now, while mamba_ssm cannot import, so that
+        # they keep the torch path after the stand-in is gone (whatever the order of test modules).
+        for family in _HF_FAMILIES_WITH_MAMBA_SSM_PATHS:
+            with contextlib.suppress(ImportError):
+                importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     before = set(sys.modules)
     if not has_extension:
         sys.modules["selective_scan_cuda"] = _cpu_standin()
