@@ -419,6 +419,18 @@ def cuda_time(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
+def copy_bandwidth(
+    device: str, nbytes: int = 1 << 30, timer: Callable[[Callable[[], Any], int], float] = cuda_time
+) -> float:
+    """Read + write bytes per second of a device-to-device copy of ``nbytes``."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    seconds = timer(lambda: dst.copy_(src), 20)
+    del src, dst
+    _free(device)
+    return 2 * nbytes / seconds
+
+
 def kernel_bandwidth(
     args: argparse.Namespace,
     log: Callable[[str], None],
@@ -437,11 +449,7 @@ def kernel_bandwidth(
     if kernels is None or (timer is cuda_time and not args.device.startswith("cuda")):
         return {"status": "skipped (needs CUDA and the Triton kernels)"}
     T = parse_length(args.bandwidth_seq)
-    src = torch.empty(copy_bytes // 4, dtype=torch.float32, device=args.device)
-    dst = torch.empty_like(src)
-    copy_s = timer(lambda: dst.copy_(src), 20)
-    peak = 2 * copy_bytes / copy_s  # read + write
-    del src, dst
+    peak = copy_bandwidth(args.device, copy_bytes, timer)
     out: dict[str, Any] = {"seq_len": T, "copy_bytes": copy_bytes, "copy_bandwidth_Bps": peak, "kernels": []}
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     for model_name in args.model_list:

@@ -32,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from gpu_scaling import cuda_time, environment, parse_length  # noqa: E402
+from gpu_scaling import copy_bandwidth, cuda_time, environment, parse_length  # noqa: E402
 
 
 def nominal_peak_bandwidth() -> float | None:
@@ -47,16 +47,6 @@ def nominal_peak_bandwidth() -> float | None:
         return 2.0 * clock_mhz * 1e6 * bus_bits / 8
     except Exception:  # noqa: BLE001 - NVML missing or not answering
         return None
-
-
-def copy_bandwidth(nbytes: int = 1 << 30) -> float:
-    """Read + write bytes per second of a device-to-device copy of ``nbytes``."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda")
-    dst = torch.empty_like(src)
-    seconds = cuda_time(lambda: dst.copy_(src), 20)
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * nbytes / seconds
 
 
 def configurations(variant: str) -> list[dict[str, int]]:
@@ -146,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     funcs = {"bwd": (kernels.selective_scan_lrp_bwd, selective_scan_lrp_bwd_torch),
              "fwd": (kernels.selective_scan_fwd, selective_scan_fwd_torch)}
 
-    copy_bw, nominal = copy_bandwidth(), nominal_peak_bandwidth()
+    copy_bw, nominal = copy_bandwidth("cuda"), nominal_peak_bandwidth()
     report: dict[str, Any] = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "seed": args.seed,

@@ -36,28 +36,23 @@ def layers_to_recompute(model: nn.Module, targets: list[tuple[str, nn.Module, ob
     Returns:
         ``(qualified_name, module)`` pairs, each module once, in model order.
     """
-    list_items: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList):
-            for child_name, child in module.named_children():
-                list_items[f"{name}.{child_name}" if name else child_name] = child
-    chosen: dict[str, nn.Module] = {}
-    for name, module, adapter in targets:
+    modules = dict(model.named_modules())
+    in_lists = {
+        f"{name}.{child}" if name else child
+        for name, module in modules.items()
+        if isinstance(module, nn.ModuleList)
+        for child, _ in module.named_children()
+    }
+    chosen: set[str] = set()
+    for name, _, adapter in targets:
         if getattr(adapter, "role", None) not in _LAYER_ROLES:
             continue
         parts = name.split(".")
-        block_name, block = name, module
-        for i in range(len(parts) - 1, 0, -1):
-            prefix = ".".join(parts[:i])
-            if prefix in list_items:
-                block_name, block = prefix, list_items[prefix]
-                break
-        chosen.setdefault(block_name, block)
+        prefixes = (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1))
+        chosen.add(next((p for p in prefixes if p in in_lists), name))
     # A block nested in another chosen block would be recomputed twice; keep the outer one.
-    names = sorted(chosen)
-    outer = [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    return sorted(((n, chosen[n]) for n in outer), key=lambda item: order[item[0]])
+    outer = {n for n in chosen if not any(n.startswith(o + ".") for o in chosen)}
+    return [(name, module) for name, module in modules.items() if name in outer]
 
 
 def spread(items: list, fraction: float) -> list:

@@ -45,7 +45,7 @@ class HFMambaMixerAdapter(Adapter):
         refuse_cache_and_non_silu(self.name, module, cache_params)
         R = ctx.rules
         dtype = hidden_states.dtype
-        d, n, rank = module.intermediate_size, module.ssm_state_size, module.time_step_rank
+        n, rank = module.ssm_state_size, module.time_step_rank
 
         hidden_states = mask_padding(hidden_states, attention_mask)
         projected = ctx.tap(module, "in_proj", module.in_proj(hidden_states)).transpose(1, 2)
