@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Iterator
+from typing import Any
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from mambalrp.errors import UnsupportedModelError
+from mambalrp.errors import MambaLRPError, UnsupportedModelError
 from mambalrp.rules import RuleSet, get_rules
 
 TapFn = Callable[[nn.Module, str, torch.Tensor], torch.Tensor]
@@ -158,8 +158,63 @@ def lrp(
     with patched_forwards() as patch:
         for name, module, adapter in targets:
             ctx.module_names[module] = name
-            patch(module, functools.partial(adapter.forward, module, ctx))
+            patch(module, _ruled_forward(adapter, module, ctx, name))
         yield ctx
+
+
+def _ruled_forward(adapter: object, module: nn.Module, ctx: LRPContext, name: str) -> Callable[..., Any]:
+    """``adapter.forward`` bound to ``module`` and ``ctx``, refusing recurrent state first."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        refuse_recurrent_state(name, module, args, kwargs)
+        return adapter.forward(module, ctx, *args, **kwargs)
+
+    return forward
+
+
+# Keyword names under which libraries pass a recurrent cache or a KV cache (a second line of
+# defence: caches are recognised by what they are, whatever the keyword, see is_recurrent_state).
+_CACHE_KEYWORDS = ("cache", "cache_params", "inference_params", "past_key_values", "past_key_value", "layer_past")
+_CACHE_ATTRS = ("conv_states", "ssm_states", "key_value_memory_dict", "seqlen_offset", "get_seq_length", "update_conv_state")
+
+
+def is_recurrent_state(value: Any) -> bool:
+    """Whether ``value`` is a recurrent or key-value cache: an instance of a class whose name
+    contains ``Cache`` (transformers' caches) or ``InferenceParams`` (mamba_ssm), or an object
+    with the attributes such caches keep (``conv_states``, ``ssm_states``, ...)."""
+    if value is None or isinstance(value, (torch.Tensor, bool, int, float, str, bytes, torch.dtype, torch.device)):
+        return False
+    if any("Cache" in c.__name__ or "InferenceParams" in c.__name__ for c in type(value).__mro__):
+        return True
+    return any(hasattr(value, a) for a in _CACHE_ATTRS)
+
+
+def refuse_recurrent_state(name: str, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    """Raise :class:`MambaLRPError` if a patched module is called with a recurrent or KV cache.
+
+    Explanations run on whole sequences: with a cache, a mixer would continue from a state that
+    no relevance flows back into, and the adapters (which re-implement the full-sequence forward)
+    would compute something else. The cache is recognised by what it is, in any argument
+    position and under any keyword, so a library renaming its keyword does not hide it.
+    """
+    found = None
+    for key, value in [(None, a) for a in args] + list(kwargs.items()):
+        if is_recurrent_state(value) or (
+            key in _CACHE_KEYWORDS and value is not None and not isinstance(value, bool)
+            and not (isinstance(value, (tuple, list)) and len(value) == 0)
+        ):
+            found = (key, value)
+            break
+    if found is None:
+        return
+    key, value = found
+    how = f"as {key}=" if key else "as a positional argument"
+    raise MambaLRPError(
+        f"{name or type(module).__name__!r} ({type(module).__name__}) was called with a recurrent cache "
+        f"({type(value).__name__}, {how}). Explanations run on whole sequences without a cache: call the "
+        "model with use_cache=False and no cache (mambalrp.explain does), and do not run generate() "
+        "inside mambalrp.lrp()."
+    )
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """Hybrid models from transformers: Jamba, Bamba, NemotronH, Zamba2, GraniteMoeHybrid.
 
-Per family: the forward under lrp() equals the original (<= 1e-5, float32), the model is restored
+Per family: the forward under lrp() equals the original (<= 1e-5 of the logit scale, float32), the model is restored
 exactly, every operation on the relevance path is covered by a rule, and relevance is conserved
 with biases zeroed: exactly (<= 1e-4 relative) with the CP attention rule, approximately with
 AttnLRP, whose softmax rule drops the constant term of its linearisation (error measured).
@@ -17,6 +17,12 @@ from tests_support import assert_same_state_simple
 
 IDS = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
 CP = mambalrp.MAMBALRP.with_attention("cp")
+
+
+def _forward_tolerance(reference: torch.Tensor) -> float:
+    """1e-5 of the logit scale: transformers' own chunked SSD scan (5.24) sums in another order
+    than ours, and the float32 rounding (~5e-7 per mixer) grows through the layers."""
+    return 1e-5 * max(1.0, reference.abs().max().item())
 
 
 def _relative(exp: mambalrp.Explanation) -> float:
@@ -36,7 +42,7 @@ def test_forward_equal_and_restored(hybrid):
         with mambalrp.lrp(model):
             patched = model(IDS, use_cache=False).logits
         after = model(IDS, use_cache=False).logits
-    assert (patched - ref).abs().max().item() <= 1e-5
+    assert (patched - ref).abs().max().item() <= _forward_tolerance(ref)
     assert torch.equal(after, ref)
     before.check()
 
@@ -73,7 +79,7 @@ def test_left_padding(hybrid):
         ref = model(IDS, attention_mask=mask, use_cache=False).logits
         with mambalrp.lrp(model):
             patched = model(IDS, attention_mask=mask, use_cache=False).logits
-    assert (patched - ref)[mask.bool()].abs().max().item() <= 1e-5
+    assert (patched - ref)[mask.bool()].abs().max().item() <= _forward_tolerance(ref)
     exp = mambalrp.explain(model, IDS, attention_mask=mask, rules=CP)
     assert torch.isfinite(exp.relevance).all()
     assert torch.all(exp.relevance[0, :3] == 0)

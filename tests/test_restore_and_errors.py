@@ -172,3 +172,29 @@ def test_adapter_registry_precedence():
     assert type(find_adapter(mixer)) is HFMambaMixerAdapter
     with pytest.raises(TypeError):
         mambalrp.register_adapter(object())
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_generate_inside_lrp_is_refused_whatever_the_cache_keyword(family):
+    """transformers 5.24 passes the cache as ``cache=``, older releases as ``cache_params=``: the
+    refusal recognises the cache object itself, so generation under lrp() never runs silently."""
+    model = FAMILIES[family](0)
+    before = snapshot(model)
+    with mambalrp.lrp(model), pytest.raises(mambalrp.MambaLRPError, match="recurrent cache"):
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)
+    assert_same_state(model, before)
+
+
+@pytest.mark.parametrize("keyword", ["cache", "cache_params", "state", None])
+def test_cache_refused_under_any_keyword_or_position(keyword):
+    model = tiny_mamba(0)
+    mixer = model.backbone.layers[0].mixer
+    hidden = torch.randn(1, 3, 16)
+    with torch.no_grad():  # the cache the model itself builds, whatever its class in this release
+        out = model(torch.tensor([[1, 2, 3]]), use_cache=True)
+    cache = getattr(out, "cache", None) or out.cache_params
+    with mambalrp.lrp(model), pytest.raises(mambalrp.MambaLRPError, match=type(cache).__name__):
+        if keyword is None:
+            mixer(hidden, cache)
+        else:
+            mixer(hidden, **{keyword: cache})

@@ -71,15 +71,6 @@ def mask_padding(x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.
     return (x * attention_mask[:, :, None]).to(x.dtype)
 
 
-def refuse_cache_and_non_silu(adapter_name: str, module: nn.Module, cache: object) -> None:
-    """Raise for what an HF-style mixer adapter cannot explain: a recurrent cache, a non-SiLU activation."""
-    from mambalrp.errors import MambaLRPError
-
-    if cache is not None:
-        raise MambaLRPError("explaining with a recurrent cache is not supported; call the model with use_cache=False")
-    refuse_non_silu(adapter_name, module)
-
-
 def refuse_non_silu(adapter_name: str, module: nn.Module) -> None:
     """Raise unless the mixer's activation is SiLU (the only one the rules cover)."""
     from mambalrp.errors import MambaLRPError

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambalrp.adapters.base import Adapter, has_attrs, mask_padding, refuse_cache_and_non_silu
+from mambalrp.adapters.base import Adapter, has_attrs, mask_padding, refuse_non_silu
 from mambalrp.context import LRPContext
 
 class HFMambaMixerAdapter(Adapter):
@@ -38,11 +38,12 @@ class HFMambaMixerAdapter(Adapter):
         module: nn.Module,
         ctx: LRPContext,
         hidden_states: torch.Tensor,
-        cache_params: Any = None,
+        cache: Any = None,
         attention_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        refuse_cache_and_non_silu(self.name, module, cache_params)
+        # ``cache`` (any name: ``cache_params`` before transformers 5.24) is refused by lrp() itself.
+        refuse_non_silu(self.name, module)
         R = ctx.rules
         dtype = hidden_states.dtype
         n, rank = module.ssm_state_size, module.time_step_rank

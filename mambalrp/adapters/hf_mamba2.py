@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambalrp.adapters.base import Adapter, has_attrs, mask_padding, refuse_cache_and_non_silu
+from mambalrp.adapters.base import Adapter, has_attrs, mask_padding, refuse_non_silu
 from mambalrp.context import LRPContext
 from mambalrp.errors import MambaLRPError
 
@@ -32,11 +32,12 @@ class HFMamba2MixerAdapter(Adapter):
         module: nn.Module,
         ctx: LRPContext,
         hidden_states: torch.Tensor,
-        cache_params: Any = None,
+        cache: Any = None,
         attention_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        refuse_cache_and_non_silu(self.name, module, cache_params)
+        # ``cache`` (any name: ``cache_params`` before transformers 5.24) is refused by lrp() itself.
+        refuse_non_silu(self.name, module)
         R = ctx.rules
         b, T, _ = hidden_states.shape
         dtype = hidden_states.dtype

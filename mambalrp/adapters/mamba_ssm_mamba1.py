@@ -17,7 +17,6 @@ from torch import nn
 
 from mambalrp.adapters.base import Adapter, has_attrs, refuse_non_silu
 from mambalrp.context import LRPContext
-from mambalrp.errors import MambaLRPError
 from mambalrp.rules import RuleSet
 
 _MAMBA_SSM_ATTRS = ("in_proj", "conv1d", "x_proj", "dt_proj", "A_log", "D", "out_proj", "d_inner", "d_state", "dt_rank")
@@ -88,8 +87,6 @@ class MambaSSMMixerAdapter(Adapter):
     def forward(
         self, module: nn.Module, ctx: LRPContext, hidden_states: torch.Tensor, inference_params: Any = None, **kwargs: Any
     ) -> torch.Tensor:
-        if inference_params is not None:
-            raise MambaLRPError("explaining with inference_params (a recurrent cache) is not supported")
         refuse_non_silu(self.name, module)
         dtype = hidden_states.dtype
         xz = ctx.tap(module, "in_proj", module.in_proj(hidden_states)).transpose(1, 2)

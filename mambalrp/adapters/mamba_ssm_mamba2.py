@@ -45,7 +45,7 @@ class MambaSSMMamba2Adapter(Adapter):
         inference_params: Any = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        if inference_params is not None or seqlen is not None or seq_idx is not None or cu_seqlens is not None:
+        if seqlen is not None or seq_idx is not None or cu_seqlens is not None:
             raise MambaLRPError(f"{self.name}: only full (batch, seqlen, dim) inputs without a cache are supported")
         if getattr(module, "process_group", None) is not None:
             raise MambaLRPError(f"{self.name}: tensor-parallel mixers are not supported")

@@ -62,8 +62,6 @@ class MambaSSMBlockAdapter(Adapter):
         inference_params: Any = None,
         **mixer_kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if inference_params is not None:
-            raise MambaLRPError("explaining with inference_params (a recurrent cache) is not supported")
         mixer_kwargs.pop("use_cache", None)
         R = ctx.rules
         if residual is None:
@@ -101,8 +99,6 @@ class MambaSSMBackboneAdapter(Adapter):
     def forward(
         self, module: nn.Module, ctx: LRPContext, input_ids: torch.Tensor, inference_params: Any = None, **mixer_kwargs: Any
     ) -> torch.Tensor:
-        if inference_params is not None:
-            raise MambaLRPError("explaining with inference_params (a recurrent cache) is not supported")
         hidden_states = module.embedding(input_ids)
         residual = None
         for layer in module.layers:
@@ -145,8 +141,6 @@ class MambaSSMAttentionAdapter(Adapter):
         )
 
     def forward(self, module: nn.Module, ctx: LRPContext, x: torch.Tensor, inference_params: Any = None, **kwargs: Any):
-        if inference_params is not None:
-            raise MambaLRPError("explaining with inference_params (a KV cache) is not supported")
         if module.rotary_emb_dim > 0:
             raise MambaLRPError(f"{self.name}: rotary embeddings (flash-attn) are not supported")
         R = ctx.rules

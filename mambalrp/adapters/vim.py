@@ -16,7 +16,6 @@ from torch import nn
 from mambalrp.adapters.base import Adapter, has_attrs, refuse_non_silu
 from mambalrp.adapters.mamba_ssm_mamba1 import _MAMBA_SSM_ATTRS, mamba1_branch
 from mambalrp.context import LRPContext
-from mambalrp.errors import MambaLRPError
 
 
 class VimBiMambaAdapter(Adapter):
@@ -34,8 +33,6 @@ class VimBiMambaAdapter(Adapter):
     def forward(
         self, module: nn.Module, ctx: LRPContext, hidden_states: torch.Tensor, inference_params: Any = None, **kwargs: Any
     ) -> torch.Tensor:
-        if inference_params is not None:
-            raise MambaLRPError("explaining with inference_params (a recurrent cache) is not supported")
         refuse_non_silu(self.name, module)
         R = ctx.rules
         dtype = hidden_states.dtype
