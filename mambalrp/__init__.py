@@ -14,6 +14,7 @@ from mambalrp.context import LRPContext, lrp
 from mambalrp.errors import InputError, MambaLRPError, UnsupportedModelError
 from mambalrp.explain import explain
 from mambalrp.explanation import Explanation
+from mambalrp.verification import Verification, VerificationError, forget, verify
 from mambalrp.functional.dispatch import use_backend
 from mambalrp.rules import GRADIENT, LN_ONLY, MAMBALRP, LRP0, Epsilon, Gamma, RuleSet, get_rules
 
@@ -34,8 +35,11 @@ __all__ = [
     "RuleReport",
     "RuleSet",
     "UnsupportedModelError",
+    "Verification",
+    "VerificationError",
     "check_rules",
     "explain",
+    "forget",
     "get_rules",
     "lrp",
     "register_adapter",
@@ -43,4 +47,5 @@ __all__ = [
     "supported_families",
     "unregister_adapter",
     "use_backend",
+    "verify",
 ]

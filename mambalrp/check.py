@@ -1,118 +1,65 @@
-"""``check_rules()``: does every operation on the relevance path have a rule, and is relevance
-conserved block by block?
+"""``check_rules()``: does the model under the rules compute the model's outputs, does every
+operation on the relevance path have a rule, and where does relevance go?
 
-Two independent checks on one forward pass under :func:`mambalrp.lrp`:
+Four measurements on the explained input, under :func:`mambalrp.lrp`:
 
-1. **Coverage.** The backward graph from the explained output down to the input embedding is
+1. **Forward.** The output under the rules is compared with the model's own output.
+2. **Coverage.** The backward graph from the explained output down to the input embedding is
    walked node by node. A node passes if it is one of mambalrp's rule operators, an operation that
    is linear in the signal (matrix products with a constant weight, views, sums, convolutions, ...),
    or a product / quotient in which only one factor depends on the input. Everything else (a SiLU,
    softmax, exp, a product of two signals, a normaliser that depends on its input) is listed as
    *uncovered*: there the backward pass is a true gradient that does not conserve relevance.
    Each uncovered node is attributed to the innermost module whose forward created it.
-2. **Conservation per block.** For each block (by default every residual block, e.g.
-   ``backbone.layers.3``), the relevance that leaves the block (``output * grad`` over its tensor
-   outputs) is compared with the relevance that enters it (``input * grad`` over its tensor
-   inputs). Inputs and outputs are aliased at the block boundary so that only paths through the
-   block itself are counted.
-
-Biases on the relevance path absorb relevance by design: zero them (see
-:func:`mambalrp.testing.zero_biases`) before reading the conservation part as a test.
+3. **Where the explained score goes.** With the model as it is, the score splits into the
+   relevance of the input, the relevance absorbed by biases and other additively used parameters
+   (``p * dscore/dp``, expected and reported), and a remainder, the *leak*, which exact rules
+   keep at zero. Relative errors are taken against the scale of what was split, never against a
+   score near zero alone.
+4. **Conservation per block.** With the additive parameters replaced by zeros (the very tensor
+   objects are put back afterwards), for each block (by default every residual block, e.g.
+   ``backbone.layers.3``) the relevance that leaves the block (``output * grad``) is compared with
+   the relevance that enters it (``input * grad``). Inputs and outputs are aliased at the block
+   boundary so that only paths through the block itself are counted.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
-from mambalrp.context import lrp, plan
-from mambalrp.errors import UnsupportedModelError
-from mambalrp.explain import Target, _call, _capture, _frozen, _inputs, _output_tensor, _positions, _select
-from mambalrp.rules import RuleSet, get_rules
-
-# Backward nodes of operations that are linear in each input that requires grad (or that only
-# move, copy or select values). Names without the trailing version digit.
-LINEAR_NODES = frozenset(
-    """Addmm Mm Bmm Mv Matmul Linear Addbmm Baddbmm Convolution ConvolutionBackwardOverrideable
-    View UnsafeView Reshape ReshapeAlias Transpose T Permute Expand Squeeze Unsqueeze Split
-    SplitWithSizes Unbind Slice SliceScatter Select SelectScatter Index IndexSelect IndexPut Gather
-    Scatter IndexAdd Cat Stack Clone ToCopy Copy CopySlices Add Sub Neg Sum Mean Cumsum Flip Roll Repeat
-    RepeatInterleave ConstantPadNd Pad ReflectionPad1D Narrow AsStrided Alias Chunk Where
-    MaskedFill MaskedScatter Tril Triu Diagonal Lift Detach Unfold Im2Col Col2Im UnsafeSplit
-    Contiguous Einsum Tensordot Trace Diag SqueezeCopy ViewCopy""".split()
+from mambalrp.conservation import (
+    BlockConservation,
+    BlockProbe,
+    UncoveredOp,
+    additive_uses,
+    attributing,
+    relative_gap,
+    residual_blocks,
+    uncovered_operations,
+    zeroed,
 )
-# Piecewise-linear and positively homogeneous: x * grad equals the output, so gradient = LRP-0.
-HOMOGENEOUS_NODES = frozenset("Relu MaxPool2DWithIndices MaxPool1DWithIndices Threshold".split())
-# Products and quotients: fine when only one factor (the numerator for Div) depends on the input.
-BILINEAR_NODES = frozenset("Mul Bmm Mm Matmul Mv Addmm Baddbmm Addbmm Einsum Dot Linear Convolution".split())
+from mambalrp.context import lrp, plan
+from mambalrp.errors import InputError, UnsupportedModelError
+from mambalrp.inputs import (
+    Target,
+    call_model,
+    capture_embedding,
+    check_model,
+    output_tensor,
+    positions,
+    resolve_inputs,
+    select,
+)
+from mambalrp.rules import RuleSet, get_rules
+from mambalrp.state import autograd_enabled, exclusive, frozen
+from mambalrp.verification import compute_dtype, tolerance
 
-
-def _base_name(node: Any) -> str:
-    name = node.name()
-    stem = name.split("::")[-1]
-    if stem.endswith("Backward"):
-        return stem[: -len("Backward")]
-    head, sep, tail = stem.rpartition("Backward")
-    return head if sep and tail.isdigit() else stem
-
-
-def _rule_function_names() -> set[str]:
-    """Backward-node names of mambalrp's own autograd Functions (the rule operators)."""
-    import mambalrp.functional  # noqa: F401  (registers the subclasses)
-
-    names: set[str] = set()
-    stack = list(torch.autograd.Function.__subclasses__())
-    while stack:
-        cls = stack.pop()
-        stack.extend(cls.__subclasses__())
-        if cls.__module__.startswith("mambalrp"):
-            names.add(cls.__name__ + "Backward")
-    return names
-
-
-@dataclass
-class UncoveredOp:
-    """Operations of one kind in one module whose backward is a plain, non-conserving gradient.
-
-    Attributes:
-        op: Backward node name, e.g. ``"SiluBackward0"``.
-        module: Qualified name of the innermost module whose forward created it (``""``: the
-            model's own forward).
-        count: How many such nodes.
-        reason: Why it is not covered.
-    """
-
-    op: str
-    module: str
-    count: int
-    reason: str
-
-
-@dataclass
-class BlockConservation:
-    """Relevance into and out of one block, per batch row.
-
-    Attributes:
-        name: Qualified module name.
-        relevance_out: ``(batch,)`` relevance leaving the block (``output * grad``).
-        relevance_in: ``(batch,)`` relevance entering it (``input * grad`` over its tensor inputs).
-    """
-
-    name: str
-    relevance_out: torch.Tensor
-    relevance_in: torch.Tensor
-
-    @property
-    def relative_error(self) -> float:
-        """Largest ``|in - out| / |out|`` over the batch."""
-        den = self.relevance_out.abs().clamp_min(1e-12)
-        return float(((self.relevance_in - self.relevance_out).abs() / den).max())
+__all__ = ["BlockConservation", "RuleReport", "UncoveredOp", "check_rules"]
 
 
 @dataclass
@@ -122,12 +69,20 @@ class RuleReport:
     Attributes:
         rules: Name of the rule set checked.
         uncovered: Operations on the relevance path that no rule covers.
-        blocks: Conservation of each block, in forward order.
+        blocks: Conservation of each block with the additive parameters zeroed, in forward order.
         logit: ``(batch,)`` the explained output.
         input_relevance: ``(batch,)`` total relevance at the input embedding.
-        rtol: Relative tolerance used by :attr:`ok`.
+        absorbed: ``(batch,)`` relevance absorbed by biases and other additive parameters.
+        relevance_magnitude: ``(batch,)`` sum of the absolute input relevances.
+        rtol: Relative tolerance of the conservation checks in :attr:`ok`.
+        forward_difference: Largest ``|output under the rules - model output|`` (real tokens).
+        forward_scale: Largest ``|model output|``.
+        forward_tolerance: Relative tolerance of the forward check (see :func:`mambalrp.verify.tolerance`).
+        zeroed: Names of the additive parameters and buffers (zeroed for the block check).
         nodes: Number of backward nodes inspected.
-        notes: Remarks for the reader (biases that absorb relevance, no block found).
+        notes: Remarks for the reader.
+        forward_error: Why the model's own forward failed, if it did (e.g. a kernel that needs a
+            GPU); the forward check then fails, the others still run.
     """
 
     rules: str
@@ -135,15 +90,28 @@ class RuleReport:
     blocks: list[BlockConservation]
     logit: torch.Tensor
     input_relevance: torch.Tensor
+    absorbed: torch.Tensor
+    relevance_magnitude: torch.Tensor
     rtol: float
+    forward_difference: float
+    forward_scale: float
+    forward_tolerance: float
+    zeroed: list[str] = field(default_factory=list)
     nodes: int = 0
     notes: list[str] = field(default_factory=list)
+    forward_error: str = ""
+
+    @property
+    def leak(self) -> torch.Tensor:
+        """``(batch,)`` ``logit - input_relevance - absorbed``: relevance lost (or created) by
+        operations without a conserving rule."""
+        return self.logit - self.input_relevance - self.absorbed
 
     @property
     def total_relative_error(self) -> float:
-        """Largest ``|sum R - logit| / |logit|`` over the batch."""
-        den = self.logit.abs().clamp_min(1e-12)
-        return float(((self.input_relevance - self.logit).abs() / den).max())
+        """Largest relative leak over the batch, against ``max(|logit|, |input relevance + absorbed|,
+        sum |input relevance|)`` (see :func:`~mambalrp.conservation.relative_gap`)."""
+        return relative_gap(self.logit, self.input_relevance + self.absorbed, self.relevance_magnitude)
 
     @property
     def leaking_blocks(self) -> list[BlockConservation]:
@@ -151,13 +119,28 @@ class RuleReport:
         return [b for b in self.blocks if b.relative_error > self.rtol]
 
     @property
+    def forward_ok(self) -> bool:
+        """The output under the rules equals the model's own within the forward tolerance."""
+        return not self.forward_error and self.forward_difference <= self.forward_tolerance * max(self.forward_scale, 1e-6)
+
+    @property
     def ok(self) -> bool:
-        """No uncovered operation, and every block and the whole model conserve within ``rtol``."""
-        return not self.uncovered and not self.leaking_blocks and self.total_relative_error <= self.rtol
+        """Same outputs, no uncovered operation, no leak, every block conserving within ``rtol``.
+        Bias absorption is expected and does not count against it."""
+        return self.forward_ok and not self.uncovered and not self.leaking_blocks and self.total_relative_error <= self.rtol
 
     def __str__(self) -> str:
+        if self.forward_error:
+            forward = f"  forward under the rules: not compared, the model's own forward failed ({self.forward_error})"
+        else:
+            forward = (
+                f"  forward under the rules: max |difference| {self.forward_difference:.3g} for outputs of scale "
+                f"{self.forward_scale:.3g} (tolerance {self.forward_tolerance:g} of the scale)"
+                + ("" if self.forward_ok else "  DIFFERENT FUNCTION")
+            )
         lines = [
             f"mambalrp rule check ({self.rules}): {'OK' if self.ok else 'PROBLEMS FOUND'}",
+            forward,
             f"  backward nodes inspected: {self.nodes}",
         ]
         if self.uncovered:
@@ -166,7 +149,10 @@ class RuleReport:
                 lines.append(f"    {u.op:<28} x{u.count:<4} in {u.module or '<model>'}: {u.reason}")
         else:
             lines.append("  uncovered operations on the relevance path: none")
-        lines.append(f"  conservation per block (relative error, tolerance {self.rtol:g}):")
+        lines.append(
+            f"  conservation per block with {len(self.zeroed)} additive parameters zeroed "
+            f"(relative error, tolerance {self.rtol:g}):"
+        )
         for b in self.blocks:
             flag = "  LEAK" if b.relative_error > self.rtol else ""
             lines.append(
@@ -174,107 +160,39 @@ class RuleReport:
                 f"  err {b.relative_error:.2e}{flag}"
             )
         lines.append(
-            f"  whole model: logit {self.logit.sum().item():+.6g}  sum R {self.input_relevance.sum().item():+.6g}"
-            f"  err {self.total_relative_error:.2e}"
+            f"  whole model: logit {self.logit.sum().item():+.6g} = input relevance {self.input_relevance.sum().item():+.6g}"
+            f" + absorbed by biases {self.absorbed.sum().item():+.6g} + leak {self.leak.sum().item():+.3g}"
+            f"  (relative leak {self.total_relative_error:.2e}"
+            + ("  LEAK)" if self.total_relative_error > self.rtol else ")")
         )
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 
     def __repr__(self) -> str:
         return (
-            f"RuleReport(rules={self.rules!r}, ok={self.ok}, uncovered={len(self.uncovered)}, "
-            f"leaking_blocks={[b.name for b in self.leaking_blocks]}, total_error={self.total_relative_error:.2e})"
+            f"RuleReport(rules={self.rules!r}, ok={self.ok}, forward_difference={self.forward_difference:.2e}, "
+            f"uncovered={len(self.uncovered)}, leaking_blocks={[b.name for b in self.leaking_blocks]}, "
+            f"total_error={self.total_relative_error:.2e})"
         )
 
 
-class _Attribution(TorchFunctionMode):
-    """Stamp every new backward node with the innermost module whose forward is running."""
-
-    def __init__(self, stack: list[str]):
-        super().__init__()
-        self.stack = stack
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        where = self.stack[-1] if self.stack else ""
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            node = getattr(t, "grad_fn", None) if isinstance(t, torch.Tensor) else None
-            if node is not None and "mambalrp.module" not in node.metadata:
-                node.metadata["mambalrp.module"] = where
-        return out
-
-
-@contextlib.contextmanager
-def _module_stack(model: nn.Module) -> Iterator[list[str]]:
-    stack: list[str] = []
-    handles = []
-
-    def enter(name: str):
-        def hook(module, args):
-            stack.append(name)
-
-        return hook
-
-    def leave(module, args, output):
-        stack.pop()
-
-    for name, module in model.named_modules():
-        handles.append(module.register_forward_pre_hook(enter(name)))
-        handles.append(module.register_forward_hook(leave, always_call=True))
-    try:
-        yield stack
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _default_blocks(model: nn.Module, rules: RuleSet) -> list[str]:
-    """The residual blocks: for every matched mixer or attention layer, its nearest ancestor that
-    is an element of an ``nn.ModuleList`` (then every element of that list, so that MLP-only
-    blocks are included), else its parent."""
-    modules = dict(model.named_modules())
-    lists: list[str] = []
-    loose: list[str] = []
-    for name, _, adapter in plan(model, rules):
-        if getattr(adapter, "role", None) not in ("mixer", "attention"):
-            continue
-        parts = name.split(".")
-        for i in range(len(parts) - 1, 0, -1):
-            container = ".".join(parts[:i])
-            if isinstance(modules.get(container), nn.ModuleList):
-                if container not in lists:
-                    lists.append(container)
-                break
-        else:
-            parent = name.rpartition(".")[0]
-            block = parent if parent else name
-            if block not in loose:
-                loose.append(block)
-    blocks = [f"{c}.{child}" for c in lists for child, _ in modules[c].named_children()]
-    return blocks + [b for b in loose if not any(b == x or b.startswith(x + ".") for x in blocks)]
-
-
-def _output_tensors(output: Any) -> list[torch.Tensor]:
-    """The tensors a block passes on: a tensor, every tensor of a tuple (e.g. mamba_ssm's
-    ``(hidden_states, residual)``), or ``.hidden_states`` / ``.last_hidden_state``."""
-    if isinstance(output, torch.Tensor):
-        found = [output]
-    elif isinstance(output, (tuple, list)):
-        found = [t for t in output if isinstance(t, torch.Tensor)]
+def _explained(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, position: Any, pos: torch.Tensor | None, target: Target
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Run the model; return ``(score, target ids, full output)`` as :func:`mambalrp.explain` selects them."""
+    output = output_tensor(call_model(model, ids, mask, keep_from=None)[0])
+    if output.dim() == 3:
+        if pos is None:
+            pos = positions(position, None, output[..., 0])
+        selected = output[torch.arange(ids.shape[0], device=output.device), pos.to(output.device)]
+    elif output.dim() == 2:
+        if position is not None:
+            raise InputError("position was given but the model's output has no sequence dimension; leave position=None")
+        selected = output
     else:
-        found = [getattr(output, n) for n in ("hidden_states", "last_hidden_state") if isinstance(getattr(output, n, None), torch.Tensor)][:1]
-    unique: list[torch.Tensor] = []
-    for t in found:
-        if t.requires_grad and not any(t is u for u in unique):
-            unique.append(t)
-    return unique
-
-
-def _rows(t: torch.Tensor, batch: int) -> torch.Tensor:
-    t = t.detach().double()
-    if t.dim() == 0 or t.shape[0] != batch:
-        return t.sum().expand(batch) / batch
-    return t.reshape(batch, -1).sum(-1)
+        raise InputError(f"model output must be (batch, seq, vocab) or (batch, classes); got {tuple(output.shape)}")
+    score, tgt = select(selected, target)
+    return score, tgt, output
 
 
 def check_rules(
@@ -289,11 +207,14 @@ def check_rules(
     rtol: float = 1e-4,
     input_layer: nn.Module | None = None,
 ) -> RuleReport:
-    """Check that the rules cover every operation on the relevance path, and conserve per block.
+    """Check that the rules reproduce the model's outputs, cover every operation on the relevance
+    path, and conserve: per block, and for the whole model with bias absorption separated.
 
-    LXT-style coverage check: one forward under :func:`mambalrp.lrp`, then the backward graph of
-    the explained output is inspected (no backward pass is needed for that part) and one backward
-    pass per block measures its conservation.
+    LXT-style coverage check plus measurements (see the module docstring): a forward of the model
+    itself, forwards under :func:`mambalrp.lrp` with the parameters as they are and with the
+    additive ones zeroed, one backward pass per batch row and one per block. For a trained model
+    with biases, exact rules report OK: biases absorb relevance (reported as ``absorbed``), they
+    do not leak it.
 
     Example:
         >>> report = mambalrp.check_rules(model, ids)
@@ -316,111 +237,68 @@ def check_rules(
     Returns:
         A :class:`RuleReport`; ``print`` it for a readable summary.
     """
+    check_model(model)
     rule_set = get_rules(rules)
-    embedding, ids, mask = _inputs(model, input_ids, attention_mask, input_layer)
-    block_names = list(blocks) if blocks is not None else _default_blocks(model, rule_set)
-    modules = dict(model.named_modules())
-    missing = [b for b in block_names if b not in modules]
-    if missing:
-        raise ValueError(f"no module called {missing[0]!r} in the model")
+    with exclusive(model), autograd_enabled():
+        embedding, ids, mask = resolve_inputs(model, input_ids, attention_mask, input_layer)
+        targets = plan(model, rule_set)
+        block_names = list(blocks) if blocks is not None else residual_blocks(model, targets)
+        pos = positions(position, mask, ids) if input_layer is None else None
+        with frozen(model):
+            # 1. Forward: the model itself against the model under the rules; additive tensors found.
+            reference, forward_error = None, ""
+            with torch.no_grad():
+                try:
+                    reference = output_tensor(call_model(model, ids, mask, keep_from=None)[0])
+                except Exception as err:  # noqa: BLE001 - reported
+                    forward_error = f"{type(err).__name__}: {err}"
+                with lrp(model, rule_set, patch_plan=targets), additive_uses(model) as additive:
+                    under_rules = output_tensor(call_model(model, ids, mask, keep_from=None)[0])
+            difference, scale = float("nan"), float("nan")
+            if reference is not None:
+                real = mask.bool() if mask is not None and reference.dim() >= 2 and reference.shape[:2] == mask.shape else None
+                ref, got = (reference, under_rules) if real is None else (reference[real], under_rules[real])
+                difference = float((ref.float() - got.float()).abs().max()) if ref.shape == got.shape else float("inf")
+                scale = float(ref.float().abs().max())
 
-    records: dict[str, list[tuple[list[torch.Tensor], list[torch.Tensor]]]] = {b: [] for b in block_names}
+            # 2-3. Coverage and where the score goes, with the parameters as they are.
+            params = list(additive.values())
+            flags = [t.requires_grad for t in params]
+            try:
+                for t in params:
+                    t.requires_grad_(True)
+                with lrp(model, rule_set, patch_plan=targets), capture_embedding(embedding) as captured:
+                    score, tgt, _ = _explained(model, ids, mask, position, pos, target)
+                    if not captured:
+                        raise UnsupportedModelError("the model's forward never called its input embedding")
+                    emb = captured[0]
+                    batch = ids.shape[0]
+                    relevance, absorbed, magnitude = [], [], []
+                    for row in range(batch):
+                        grads = torch.autograd.grad(score[row], [emb] + params, retain_graph=True, allow_unused=True)
+                        r = (emb[row].detach().double() * grads[0][row].double()).sum(-1) if grads[0] is not None else None
+                        relevance.append(float(r.sum()) if r is not None else 0.0)
+                        magnitude.append(float(r.abs().sum()) if r is not None else 0.0)
+                        absorbed.append(sum(float((p.detach().double() * g.double()).sum()) for p, g in zip(params, grads[1:]) if g is not None))
+            finally:
+                for t, flag in zip(params, flags):
+                    t.requires_grad_(flag)
 
-    # Each tensor input of a block is replaced by an alias (a view) that only the block uses, so
-    # that the gradient at the alias counts the paths through the block alone, even when one input
-    # depends on another (e.g. Zamba2's layers also receive the embeddings).
-    pending: dict[str, list[list[torch.Tensor]]] = {b: [] for b in block_names}
+            # 4. Coverage and conservation per block, additive tensors zeroed (so that no parameter
+            # requires grad: the graph holds only what depends on the input), the same target.
+            fixed = target if callable(target) and not isinstance(target, torch.Tensor) else tgt
+            with zeroed(model, params), lrp(model, rule_set, patch_plan=targets), capture_embedding(embedding):
+                with attributing(model), BlockProbe(model, block_names) as probe:
+                    block_score, _, _ = _explained(model, ids, mask, position, pos, fixed)
+                uncovered, n_nodes = uncovered_operations(block_score)
+                results = probe.measure(block_score, batch)
 
-    def alias(t: Any, inputs: list[torch.Tensor]) -> Any:
-        if isinstance(t, torch.Tensor) and t.requires_grad:
-            t = t.view_as(t)
-            inputs.append(t)
-        return t
-
-    def enter(name: str):
-        def hook(module, args, kwargs):
-            inputs: list[torch.Tensor] = []
-            args = tuple(alias(a, inputs) for a in args)
-            kwargs = {k: alias(v, inputs) for k, v in kwargs.items()}
-            pending[name].append(inputs)
-            return args, kwargs
-
-        return hook
-
-    def leave(name: str):
-        def hook(module, args, kwargs, output):
-            inputs = pending[name].pop() if pending[name] else []
-            # Outputs are aliased too: downstream code sees only the aliases, so the gradient at an
-            # alias counts downstream uses alone, even when one output feeds another inside the
-            # block (mamba_ssm's Block returns (mixer(norm(residual)), residual)).
-            if isinstance(output, torch.Tensor) and output.requires_grad:
-                output = output.view_as(output)
-            elif isinstance(output, tuple) and not hasattr(output, "_fields"):
-                output = tuple(t.view_as(t) if isinstance(t, torch.Tensor) and t.requires_grad else t for t in output)
-            outs = _output_tensors(output)
-            if outs:
-                records[name].append((inputs, outs))
-            return output
-
-        return hook
-
-    handles = []
-    for b in block_names:
-        handles.append(modules[b].register_forward_pre_hook(enter(b), with_kwargs=True))
-        handles.append(modules[b].register_forward_hook(leave(b), with_kwargs=True))
-    try:
-        with _frozen(model), lrp(model, rule_set), _capture(embedding) as captured, _module_stack(model) as stack:
-            with torch.enable_grad(), _Attribution(stack):
-                output = _output_tensor(_call(model, ids, mask, keep_from=None)[0])
-            with torch.enable_grad():
-                if output.dim() == 3:
-                    pos = _positions(position, mask, ids if input_layer is None else output[..., 0])
-                    selected = output[torch.arange(ids.shape[0], device=output.device), pos.to(output.device)]
-                else:
-                    selected = output
-                score, _ = _select(selected, target)
-                if not captured:
-                    raise UnsupportedModelError("the model's forward never called its input embedding")
-                emb = captured[0]
-                uncovered, n_nodes = _inspect(score)
-                pairs = [(b, ins, outs) for b in block_names for ins, outs in records[b]]
-                flat = [t for _, _, outs in pairs for t in outs]
-                grads = torch.autograd.grad(score.sum(), [emb] + flat, retain_graph=True, allow_unused=True)
-                out_grads = iter(grads[1:])
-                batch = ids.shape[0]
-                results: list[BlockConservation] = []
-                seen_calls: dict[str, int] = {}
-                for name, ins, outs in pairs:
-                    g_outs = [next(out_grads) for _ in outs]
-                    used = [(o, g) for o, g in zip(outs, g_outs) if g is not None]
-                    if not used:
-                        continue
-                    r_out = sum((_rows(o * g, batch) for o, g in used), torch.zeros(batch, dtype=torch.float64, device=emb.device))
-                    r_in = torch.zeros(batch, dtype=torch.float64, device=emb.device)
-                    if ins:
-                        g_ins = torch.autograd.grad(
-                            [o for o, _ in used], ins, [g for _, g in used], retain_graph=True, allow_unused=True
-                        )
-                        for x, g in zip(ins, g_ins):
-                            if g is not None:
-                                r_in = r_in + _rows(x * g, batch)
-                    call = seen_calls.get(name, 0)
-                    seen_calls[name] = call + 1
-                    suffix = "" if len(records[name]) == 1 else f"#{call}"
-                    results.append(BlockConservation(name + suffix, r_out.float(), r_in.float()))
-                total = _rows(emb * grads[0], batch) if grads[0] is not None else torch.zeros(batch, device=score.device)
-    finally:
-        for h in handles:
-            h.remove()
+    device = score.device
     notes = []
-    biased = [
-        n for n, p in model.named_parameters()
-        if n.endswith("bias") and not n.endswith(("dt_bias", "dt_proj.bias")) and bool(p.detach().any())
-    ]
-    if biased:
+    if params:
         notes.append(
-            f"{len(biased)} non-zero bias tensors (e.g. {biased[0]}) absorb relevance; "
-            "zero them (mambalrp.testing.zero_biases) to test conservation"
+            f"{len(params)} parameters or buffers enter additively (e.g. {sorted(additive)[0]}); relevance they absorb "
+            "is reported as 'absorbed by biases', not as a leak"
         )
     if not results:
         notes.append("no block output lies on the relevance path; pass blocks=[...] to choose them")
@@ -429,48 +307,15 @@ def check_rules(
         uncovered=uncovered,
         blocks=results,
         logit=score.detach().float(),
-        input_relevance=total.float(),
+        input_relevance=torch.tensor(relevance, device=device, dtype=torch.float64).float(),
+        absorbed=torch.tensor(absorbed, device=device, dtype=torch.float64).float(),
+        relevance_magnitude=torch.tensor(magnitude, device=device, dtype=torch.float64).float(),
         rtol=rtol,
+        forward_difference=difference,
+        forward_scale=scale,
+        forward_tolerance=tolerance(compute_dtype(model)),
+        forward_error=forward_error,
+        zeroed=sorted(additive),
         nodes=n_nodes,
         notes=notes,
     )
-
-
-def _inspect(score: torch.Tensor) -> tuple[list[UncoveredOp], int]:
-    """Walk the backward graph of ``score``; return the uncovered nodes grouped by op and module."""
-    ours = _rule_function_names()
-    found: dict[tuple[str, str, str], int] = {}
-    seen: set[int] = set()
-    # Nodes created inside a composite op (einsum's bmm, ...) carry no stamp; they inherit the
-    # module of the node that leads to them.
-    todo = [(score.grad_fn, "")] if score.grad_fn is not None else []
-    nodes = 0
-    while todo:
-        node, inherited = todo.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        nodes += 1
-        module = node.metadata.get("mambalrp.module", inherited)
-        todo.extend((n, module) for n, _ in node.next_functions if n is not None)
-        name = node.name()
-        if name in ours or name == "torch::autograd::AccumulateGrad":
-            continue
-        base = _base_name(node)
-        reason = None
-        factors = node.next_functions[1:] if base in ("Addmm", "Baddbmm", "Addbmm") else node.next_functions
-        if base in BILINEAR_NODES and sum(1 for n, _ in factors if n is not None) > 1:
-            reason = "product of two input-dependent factors (needs a rule such as the half rule)"
-        elif base == "Div":
-            if len(node.next_functions) > 1 and node.next_functions[1][0] is not None:
-                reason = "division by an input-dependent value (e.g. a normaliser without the LN-rule)"
-        elif base in LINEAR_NODES or base in HOMOGENEOUS_NODES or base in BILINEAR_NODES:
-            pass
-        else:
-            reason = "non-linear operation with its plain gradient"
-        if reason is not None:
-            key = (name, module, reason)
-            found[key] = found.get(key, 0) + 1
-    uncovered = [UncoveredOp(op, module, count, reason) for (op, module, reason), count in found.items()]
-    uncovered.sort(key=lambda u: (u.module, u.op))
-    return uncovered, nodes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from torch import nn
 
 from mambalrp.errors import MambaLRPError, UnsupportedModelError
 from mambalrp.rules import RuleSet, get_rules
+from mambalrp.state import exclusive, restoring
 
 TapFn = Callable[[nn.Module, str, torch.Tensor], torch.Tensor]
 
@@ -54,10 +56,12 @@ def plan(model: nn.Module, rules: RuleSet) -> list[tuple[str, nn.Module, object]
         ``nn.Linear`` layers under epsilon / gamma rules.
 
     Raises:
-        UnsupportedModelError: No SSM layer is matched, or an SSM-like layer (one with an
-            ``A_log`` parameter) is not.
+        UnsupportedModelError: No sequence mixer is matched; a module that looks like a sequence
+            mixer (SSM parameters such as ``A_log`` or ``dt_bias``, or a forward that calls a scan)
+            is not; or a mixer or attention adapter recognises a module but cannot run it exactly
+            (a non-causal conv, a second scan direction, parameters it does not use, ...).
     """
-    from mambalrp.adapters import find_adapter, supported_families
+    from mambalrp.adapters import match_adapter, supported_families
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -68,21 +72,33 @@ def plan(model: nn.Module, rules: RuleSet) -> list[tuple[str, nn.Module, object]
         under = any(name.startswith(p + ".") for p in inside_mixer)
         if under and not rules.patches_linear:
             continue  # a mixer's adapter runs its submodules itself
-        adapter = find_adapter(module)
+        adapter, refusals = match_adapter(module)
         role = getattr(adapter, "role", None)
         if role == "linear":
             if rules.patches_linear:
                 out.append((name, module, adapter))
             continue
-        if adapter is not None and not under:
+        if under:
+            continue
+        if adapter is not None:
             out.append((name, module, adapter))
             if role == "mixer":
                 mixers += 1
                 inside_mixer.append(name)
             continue
-        if adapter is None and not under and isinstance(getattr(module, "A_log", None), torch.Tensor):
+        refused = [(a, why) for a, why in refusals if a.role in ("mixer", "attention")]
+        if refused:
+            claimant, why = refused[0]
             raise UnsupportedModelError(
-                f"no adapter matches the SSM layer {name!r} ({type(module).__name__}). "
+                f"{name!r} ({type(module).__name__}) looks like a layer of {claimant.family} to the adapter "
+                f"{claimant.name!r}, but {why}, so mambalrp cannot explain it exactly. "
+                f"Register an adapter that computes what this module computes with mambalrp.register_adapter "
+                f"(see {HOWTO})."
+            )
+        looks = sequence_mixer_evidence(module)
+        if looks:
+            raise UnsupportedModelError(
+                f"no adapter matches the sequence mixer {name!r} ({type(module).__name__}; {looks}). "
                 f"Supported families: {'; '.join(supported_families())}. "
                 f"Register one with mambalrp.register_adapter (see {HOWTO})."
             )
@@ -96,6 +112,32 @@ def plan(model: nn.Module, rules: RuleSet) -> list[tuple[str, nn.Module, object]
             f"mambalrp.register_adapter (see {HOWTO})."
         )
     return out
+
+
+# Parameters (or buffers) that only state space layers have, and names of the scan functions
+# such layers call (matched as substrings of the names a forward's code refers to).
+_SSM_TENSORS = frozenset({"A_log", "A_b_log", "A_logs", "dt_bias", "log_dt", "A_re", "A_im"})
+_SCAN_CALLS = ("selective_scan", "chunk_scan", "mamba_inner", "ssd_", "scan_fn", "selective_state_update",
+               "delta_rule", "associative_scan", "recurrent_scan")
+
+
+def sequence_mixer_evidence(module: nn.Module) -> str:
+    """Why ``module`` looks like a sequence mixer (state space layer or linear recurrence), or
+    ``""``: SSM parameters of its own (``A_log``, ``dt_bias``, ``A`` with ``D``, ...), or a
+    forward whose code calls a scan function."""
+    own = set(module._parameters) | set(module._buffers)
+    hits = sorted(own & _SSM_TENSORS)
+    if not hits and {"A", "D"} <= own:
+        hits = ["A", "D"]
+    if hits:
+        return f"it has SSM parameters {', '.join(hits)}"
+    forward = getattr(type(module), "forward", None)
+    code = getattr(inspect.unwrap(forward), "__code__", None) if forward is not None else None
+    if code is not None and not type(module).__module__.startswith("torch."):
+        calls = [n for n in code.co_names if any(s in n.lower() for s in _SCAN_CALLS)]
+        if calls:
+            return f"its forward calls {', '.join(sorted(set(calls)))}"
+    return ""
 
 
 def _is_torch_builtin(module: nn.Module) -> bool:
@@ -137,7 +179,11 @@ def lrp(
 
     The forward of each matched module instance is replaced by its adapter's forward; nothing
     else changes (parameters, buffers, flags, hooks). On exit, also after an exception, every
-    instance gets back exactly the ``forward`` attribute it had.
+    instance gets back exactly the ``forward`` attribute it had. While the block runs, other
+    threads' mambalrp calls on the same model wait (see :func:`mambalrp.state.exclusive`).
+
+    Unlike :func:`mambalrp.explain`, this does not verify that the rules reproduce the model's
+    output; run :func:`mambalrp.verify` once for that.
 
     Example:
         >>> with mambalrp.lrp(model) as ctx:
@@ -154,8 +200,8 @@ def lrp(
         The :class:`LRPContext` shared by all patched forwards.
     """
     ctx = LRPContext(rules=get_rules(rules), tap_fn=tap_fn)
-    targets = plan(model, ctx.rules) if patch_plan is None else patch_plan
-    with patched_forwards() as patch:
+    with exclusive(model), patched_forwards() as patch:
+        targets = plan(model, ctx.rules) if patch_plan is None else patch_plan
         for name, module, adapter in targets:
             ctx.module_names[module] = name
             patch(module, _ruled_forward(adapter, module, ctx, name))
@@ -224,17 +270,18 @@ def patched_forwards() -> Iterator[Callable[[nn.Module, Callable], None]]:
     On exit, also after an exception, every patched module gets back exactly the ``forward``
     attribute it had: none (the class's method), or the instance attribute a user had set.
     """
-    saved: list[tuple[nn.Module, object]] = []
+    with restoring([]) as undo:
 
-    def patch(module: nn.Module, forward: Callable) -> None:
-        saved.append((module, module.__dict__.get("forward", _MISSING)))
-        module.forward = forward
+        def patch(module: nn.Module, forward: Callable) -> None:
+            previous = module.__dict__.get("forward", _MISSING)
+            undo.append(lambda: _put_back(module, previous))
+            module.forward = forward
 
-    try:
         yield patch
-    finally:
-        for module, previous in reversed(saved):
-            if previous is _MISSING:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = previous
+
+
+def _put_back(module: nn.Module, previous: object) -> None:
+    if previous is _MISSING:
+        module.__dict__.pop("forward", None)
+    else:
+        module.forward = previous

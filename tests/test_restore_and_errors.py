@@ -62,6 +62,17 @@ BAD_CALLS = {
     ),
     "callable returns wrong shape": (lambda ids: {"target": lambda lg: lg}, "callable target"),
     "unknown rules": (lambda ids: {"rules": "magic"}, "unknown rules"),
+    "bool position tensor": (lambda ids: {"position": torch.tensor([True, False])}, "position tensor must hold"),
+    "complex position tensor": (lambda ids: {"position": torch.tensor([1 + 0j, 2 + 0j])}, "position tensor must hold"),
+    "bool target tensor": (lambda ids: {"target": torch.tensor([True, True])}, "target tensor must hold"),
+    "complex target tensor": (lambda ids: {"target": torch.tensor([1 + 0j])}, "target tensor must hold"),
+    "position beyond int64": (lambda ids: {"position": 2**70}, "out of range"),
+    "target beyond int64": (lambda ids: {"target": 2**70}, "out of range"),
+    "meta ids": (lambda ids: {"input_ids": ids.to("meta")}, "meta"),
+    "uint64 id beyond int64": (lambda ids: {"input_ids": torch.full((2, 8), 2**63 + 5, dtype=torch.uint64)}, "2\\*\\*63"),
+    "target a type": (lambda ids: {"target": int}, "the type int"),
+    "callable target ignoring the logits": (lambda ids: {"target": lambda lg: torch.zeros(lg.shape[0])}, "do not depend"),
+    "complex mask": (lambda ids: {"attention_mask": torch.ones(2, 8, dtype=torch.complex64)}, "real tensor"),
 }
 
 
@@ -198,3 +209,23 @@ def test_cache_refused_under_any_keyword_or_position(keyword):
             mixer(hidden, cache)
         else:
             mixer(hidden, **{keyword: cache})
+
+
+def test_input_layer_must_be_a_proper_submodule():
+    model = tiny_mamba(0)
+    with pytest.raises(mambalrp.InputError, match="not the model itself"):
+        mambalrp.explain(model, torch.randint(0, 64, (1, 4)), input_layer=model)
+
+
+def test_a_non_module_is_a_type_error_before_the_inputs_are_looked_at():
+    with pytest.raises(TypeError, match="torch.nn.Module, got str"):
+        mambalrp.explain("not a model", "not ids")
+
+
+def test_a_model_on_the_meta_device_is_refused():
+    from transformers import MambaConfig, MambaForCausalLM
+
+    with torch.device("meta"):
+        model = MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=1))
+    with pytest.raises(mambalrp.UnsupportedModelError, match="meta device"):
+        mambalrp.explain(model, torch.tensor([[1, 2, 3]]))

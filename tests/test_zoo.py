@@ -160,3 +160,20 @@ def test_cache_dir_honours_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("MAMBALRP_CACHE", str(tmp_path))
     assert data.cache_dir() == tmp_path / "data"
     assert (tmp_path / "data").is_dir()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", SST_MODELS)
+def test_zoo_classifiers_run_and_are_explained_in_half_precision(name, dtype) -> None:
+    """The backbone's float32 residual stream meets a half-precision head: the head casts."""
+    import mambalrp
+
+    model, tok = load_model(name, dtype=dtype)
+    ids = torch.tensor([tok.encode("a gripping, beautifully acted film").ids])
+    with torch.no_grad():
+        logits = model(ids)
+        reference = load_model(name)[0](ids)
+    assert logits.dtype == dtype and logits.shape == reference.shape
+    assert (logits.float() - reference).abs().max().item() <= 0.05 * reference.abs().max().item()
+    exp = mambalrp.explain(model, ids)
+    assert exp.verified and torch.isfinite(exp.relevance).all()

@@ -36,6 +36,7 @@ from mambalrp.adapters.vim import VimBiMambaAdapter
 from mambalrp.adapters.norms import LinearAdapter, RMSNormAdapter
 from mambalrp.adapters.registry import (
     find_adapter,
+    match_adapter,
     register_adapter,
     registered_adapters,
     supported_families,
@@ -83,6 +84,7 @@ __all__ = [
     "VimBiMambaAdapter",
     "find_adapter",
     "has_attrs",
+    "match_adapter",
     "mask_padding",
     "register_adapter",
     "registered_adapters",

@@ -1,7 +1,9 @@
 """Mamba-1 mixers as in transformers' ``MambaMixer`` and ``FalconMambaMixer``.
 
 FalconMamba normalises ``dt``, ``B`` and ``C`` with weightless RMSNorms; those only shape the SSM
-coefficients, which the SSM rule holds constant, so the same adapter covers it.
+coefficients, which the SSM rule holds constant, so the same adapter covers it. transformers 5.13
+and later keep them as submodules (``dt_layernorm``, ...); earlier releases call a function with
+the mixer's ``rms_eps``, which the adapter then applies itself.
 
 The forward is re-implemented from the module's weights: HF binds its own forward to mamba_ssm
 CUDA kernels when they are importable, and those kernels apply SiLU and the gate with their true
@@ -16,8 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambalrp.adapters.base import Adapter, has_attrs, mask_padding, refuse_non_silu
+from mambalrp.adapters.base import (
+    Adapter,
+    activation_problem,
+    conv_problem,
+    direction_problem,
+    first_problem,
+    has_attrs,
+    mamba1_layout_problem,
+    mask_padding,
+)
 from mambalrp.context import LRPContext
+
 
 class HFMambaMixerAdapter(Adapter):
     """``in_proj -> conv1d -> SiLU -> selective scan (x_proj, dt_proj, A_log, D) -> gate -> out_proj``."""
@@ -25,6 +37,10 @@ class HFMambaMixerAdapter(Adapter):
     name = "hf-mamba-mixer"
     family = "Mamba and FalconMamba (transformers MambaModel, MambaForCausalLM, FalconMamba*)"
     role = "mixer"
+    uses = (
+        "in_proj.*", "conv1d.weight", "conv1d.bias", "x_proj.*", "dt_proj.weight", "dt_proj.bias", "A_log", "D",
+        "out_proj.*", "dt_layernorm.*", "b_layernorm.*", "c_layernorm.*",
+    )
 
     def matches(self, module: nn.Module) -> bool:
         if not has_attrs(module, "in_proj", "conv1d", "x_proj", "dt_proj", "A_log", "D", "out_proj"):
@@ -32,6 +48,16 @@ class HFMambaMixerAdapter(Adapter):
         if not has_attrs(module, "intermediate_size", "ssm_state_size", "time_step_rank"):
             return False
         return module.A_log.dim() == 2
+
+    def refuse(self, module: nn.Module) -> str | None:
+        d, n, rank = module.intermediate_size, module.ssm_state_size, module.time_step_rank
+        return first_problem(
+            super().refuse(module),
+            activation_problem(module),
+            direction_problem(module),
+            conv_problem(module.conv1d, d),
+            mamba1_layout_problem(module.in_proj, module.x_proj, module.dt_proj, module.A_log, module.D, d, n, rank),
+        )
 
     def forward(
         self,
@@ -43,7 +69,6 @@ class HFMambaMixerAdapter(Adapter):
         **kwargs: Any,
     ) -> torch.Tensor:
         # ``cache`` (any name: ``cache_params`` before transformers 5.24) is refused by lrp() itself.
-        refuse_non_silu(self.name, module)
         R = ctx.rules
         dtype = hidden_states.dtype
         n, rank = module.ssm_state_size, module.time_step_rank
@@ -59,6 +84,9 @@ class HFMambaMixerAdapter(Adapter):
         if has_attrs(module, "dt_layernorm", "b_layernorm", "c_layernorm"):  # FalconMamba
             time_step = module.dt_layernorm(time_step)
             B, C = module.b_layernorm(B), module.c_layernorm(C)
+        elif isinstance(module.__dict__.get("rms_eps"), float):  # FalconMamba before transformers 5.13
+            eps = module.rms_eps
+            time_step, B, C = (_weightless_rms(t, eps) for t in (time_step, B, C))
         dt = F.linear(time_step, module.dt_proj.weight).float()
         if module.dt_proj.bias is not None:
             dt = dt + module.dt_proj.bias.float()
@@ -73,3 +101,10 @@ class HFMambaMixerAdapter(Adapter):
         gate = ctx.tap(module, "gate", R.act(z.float()))
         y = R.mul(y, gate).to(dtype)
         return ctx.tap(module, "out_proj", module.out_proj(y.transpose(1, 2)))
+
+
+def _weightless_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' ``rms_forward``: ``x / rms(x)`` in float32, cast back."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+

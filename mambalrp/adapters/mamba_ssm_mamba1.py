@@ -15,7 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambalrp.adapters.base import Adapter, has_attrs, refuse_non_silu
+from mambalrp.adapters.base import (
+    Adapter,
+    activation_problem,
+    conv_problem,
+    direction_problem,
+    first_problem,
+    has_attrs,
+    mamba1_layout_problem,
+)
 from mambalrp.context import LRPContext
 from mambalrp.rules import RuleSet
 
@@ -72,22 +80,42 @@ def mamba1_branch(
     return R.mul(y, ctx.tap(module, tag + "gate", R.act(z.float())))
 
 
+def mamba1_problem(module: nn.Module, suffix: str = "", *, one_direction: bool = True) -> str | None:
+    """Why a mamba_ssm-style Mamba-1 mixer (the branch named with ``suffix``, e.g. ``"_b"``) is
+    not a SiLU scan with a causal conv and the standard layout (and, with ``one_direction``, not
+    a single forward scan), or ``None``."""
+    d, n, rank = module.d_inner, module.d_state, module.dt_rank
+    A_log = getattr(module, "A_log" if not suffix else f"A{suffix}_log")
+    return first_problem(
+        activation_problem(module),
+        conv_problem(getattr(module, "conv1d" + suffix), d),
+        mamba1_layout_problem(
+            module.in_proj, getattr(module, "x_proj" + suffix), getattr(module, "dt_proj" + suffix), A_log,
+            getattr(module, "D" + suffix), d, n, rank,
+        ),
+        direction_problem(module) if one_direction else None,
+    )
+
+
 class MambaSSMMixerAdapter(Adapter):
     """mamba_ssm ``Mamba`` (Mamba-1): matched by ``d_inner``/``d_state``/``dt_rank`` naming."""
 
     name = "mamba-ssm-mamba1"
     family = "mamba_ssm Mamba-1 (MambaLMHeadModel with the Mamba mixer)"
     role = "mixer"
+    uses = ("in_proj.*", "conv1d.weight", "conv1d.bias", "x_proj.*", "dt_proj.weight", "dt_proj.bias", "A_log", "D", "out_proj.*")
 
     def matches(self, module: nn.Module) -> bool:
         if not has_attrs(module, *_MAMBA_SSM_ATTRS) or hasattr(module, "A_b_log"):
             return False
         return isinstance(module.A_log, torch.Tensor) and module.A_log.dim() == 2
 
+    def refuse(self, module: nn.Module) -> str | None:
+        return first_problem(super().refuse(module), mamba1_problem(module))
+
     def forward(
         self, module: nn.Module, ctx: LRPContext, hidden_states: torch.Tensor, inference_params: Any = None, **kwargs: Any
     ) -> torch.Tensor:
-        refuse_non_silu(self.name, module)
         dtype = hidden_states.dtype
         xz = ctx.tap(module, "in_proj", module.in_proj(hidden_states)).transpose(1, 2)
         y = mamba1_branch(

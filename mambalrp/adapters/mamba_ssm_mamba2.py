@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambalrp.adapters.base import Adapter, has_attrs
+from mambalrp.adapters.base import Adapter, activation_problem, conv_problem, direction_problem, first_problem, has_attrs
 from mambalrp.context import LRPContext
 from mambalrp.errors import MambaLRPError
 
@@ -26,6 +26,7 @@ class MambaSSMMamba2Adapter(Adapter):
     name = "mamba-ssm-mamba2"
     family = "mamba_ssm Mamba-2 (MambaLMHeadModel with the Mamba2 mixer)"
     role = "mixer"
+    uses = ("in_proj.*", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D", "norm.weight", "out_proj.*")
 
     def matches(self, module: nn.Module) -> bool:
         if not has_attrs(module, "in_proj", "conv1d", "dt_bias", "A_log", "D", "out_proj"):
@@ -33,6 +34,19 @@ class MambaSSMMamba2Adapter(Adapter):
         if not has_attrs(module, "nheads", "headdim", "ngroups", "d_ssm", "d_state", "rmsnorm"):
             return False
         return module.A_log.dim() == 1
+
+    def refuse(self, module: nn.Module) -> str | None:
+        d, h, g, n = module.d_ssm, module.nheads, module.ngroups, module.d_state
+        norm = getattr(module, "norm", None) if module.rmsnorm else None
+        return first_problem(
+            super().refuse(module),
+            activation_problem(module),
+            direction_problem(module),
+            "it is tensor-parallel (process_group is set)" if getattr(module, "process_group", None) is not None else None,
+            conv_problem(module.conv1d, d + 2 * g * n),
+            None if h * module.headdim == d else f"{h} heads of {module.headdim} do not make its width {d}",
+            None if norm is None or isinstance(getattr(norm, "group_size", None), int) else "its gated norm has no group_size",
+        )
 
     def forward(
         self,
@@ -47,8 +61,6 @@ class MambaSSMMamba2Adapter(Adapter):
     ) -> torch.Tensor:
         if seqlen is not None or seq_idx is not None or cu_seqlens is not None:
             raise MambaLRPError(f"{self.name}: only full (batch, seqlen, dim) inputs without a cache are supported")
-        if getattr(module, "process_group", None) is not None:
-            raise MambaLRPError(f"{self.name}: tensor-parallel mixers are not supported")
         R = ctx.rules
         b, T, _ = u.shape
         dtype = u.dtype

@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambalrp.adapters.base import Adapter, has_attrs
+from mambalrp.adapters.base import Adapter, conv_problem, first_problem, has_attrs
 from mambalrp.context import LRPContext
-from mambalrp.errors import MambaLRPError
 from mambalrp.rules import RuleSet
 
 
@@ -47,6 +46,7 @@ class MambaSSMBlockAdapter(Adapter):
     name = "mamba-ssm-block"
     family = "mamba_ssm Block"
     role = "other"
+    uses = ("norm.*", "norm2.*", "mixer.*", "mlp.*", "drop_path.*")
 
     def matches(self, module: nn.Module) -> bool:
         return has_attrs(module, "norm", "mixer", "fused_add_norm", "residual_in_fp32") and _is_mamba_ssm_norm(
@@ -62,7 +62,6 @@ class MambaSSMBlockAdapter(Adapter):
         inference_params: Any = None,
         **mixer_kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        mixer_kwargs.pop("use_cache", None)
         R = ctx.rules
         if residual is None:
             residual = hidden_states
@@ -88,6 +87,7 @@ class MambaSSMBackboneAdapter(Adapter):
     name = "mamba-ssm-backbone"
     family = "mamba_ssm MixerModel"
     role = "other"
+    uses = ("embedding.*", "layers.*", "norm_f.*")
 
     def matches(self, module: nn.Module) -> bool:
         return (
@@ -115,6 +115,7 @@ class MambaSSMGatedMLPAdapter(Adapter):
     name = "mamba-ssm-gated-mlp"
     family = "mamba_ssm GatedMLP"
     role = "other"
+    uses = ("fc1.*", "fc2.*")
 
     def matches(self, module: nn.Module) -> bool:
         if not has_attrs(module, "fc1", "fc2", "activation") or not callable(module.activation):
@@ -134,15 +135,20 @@ class MambaSSMAttentionAdapter(Adapter):
     name = "mamba-ssm-mha"
     family = "mamba_ssm MHA (attention layers of MambaLMHeadModel)"
     role = "attention"
+    uses = ("in_proj.*", "out_proj.*", "conv1d.weight", "conv1d.bias")
 
     def matches(self, module: nn.Module) -> bool:
         return has_attrs(
             module, "in_proj", "out_proj", "num_heads", "num_heads_kv", "head_dim", "rotary_emb_dim", "mlp_dim", "d_conv", "causal"
         )
 
-    def forward(self, module: nn.Module, ctx: LRPContext, x: torch.Tensor, inference_params: Any = None, **kwargs: Any):
+    def refuse(self, module: nn.Module) -> str | None:
         if module.rotary_emb_dim > 0:
-            raise MambaLRPError(f"{self.name}: rotary embeddings (flash-attn) are not supported")
+            return "it uses rotary embeddings (flash-attn's kernels), which the adapter does not implement"
+        conv = conv_problem(module.conv1d) if module.d_conv > 0 else None
+        return first_problem(super().refuse(module), conv)
+
+    def forward(self, module: nn.Module, ctx: LRPContext, x: torch.Tensor, inference_params: Any = None, **kwargs: Any):
         R = ctx.rules
         h, hkv, dh = module.num_heads, module.num_heads_kv, module.head_dim
         qkv = module.in_proj(x)

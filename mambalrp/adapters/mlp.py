@@ -17,20 +17,37 @@ from mambalrp.context import LRPContext
 
 
 class GatedMLPAdapter(Adapter):
-    """``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn`` (Llama-style; Jamba, Bamba)."""
+    """``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn`` (Llama-style; Jamba, Bamba).
+
+    Scalar ``gate_multiplier`` (applied before the activation) and ``down_multiplier`` (applied
+    after ``down_proj``) are taken from the module when present (Falcon-H1's muP multipliers).
+    """
 
     name = "gated-mlp"
     family = "gated MLP (gate_proj / up_proj / down_proj)"
     role = "other"
+    uses = ("gate_proj.*", "up_proj.*", "down_proj.*", "act_fn.*")
 
     def matches(self, module: nn.Module) -> bool:
         return has_attrs(module, "gate_proj", "up_proj", "down_proj", "act_fn") and all(
             isinstance(getattr(module, n), nn.Module) for n in ("gate_proj", "up_proj", "down_proj")
         )
 
+    def refuse(self, module: nn.Module) -> str | None:
+        for name in ("gate_multiplier", "down_multiplier"):
+            value = module.__dict__.get(name, None)
+            if value is not None and not isinstance(value, (int, float)):
+                return f"its {name} is a {type(value).__name__}, not a number"
+        return super().refuse(module)
+
     def forward(self, module: nn.Module, ctx: LRPContext, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        hidden = ctx.rules.mul(module.act_fn(module.gate_proj(x)), module.up_proj(x))
-        return module.down_proj(hidden)
+        gate = module.gate_proj(x)
+        gate_multiplier = module.__dict__.get("gate_multiplier", None)
+        if gate_multiplier is not None:
+            gate = gate * gate_multiplier
+        out = module.down_proj(ctx.rules.mul(module.act_fn(gate), module.up_proj(x)))
+        down_multiplier = module.__dict__.get("down_multiplier", None)
+        return out if down_multiplier is None else out * down_multiplier
 
 
 class FusedGatedMLPAdapter(Adapter):
@@ -41,6 +58,10 @@ class FusedGatedMLPAdapter(Adapter):
     name = "fused-gated-mlp"
     family = "fused gated MLP (GraniteMoeHybrid shared MLP, Zamba2 MLP)"
     role = "other"
+    uses = (
+        "input_linear.*", "output_linear.*", "activation.*",
+        "gate_up_proj.*", "down_proj.*", "act_fn.*", "gate_up_proj_adapter_list.*",
+    )
 
     def matches(self, module: nn.Module) -> bool:
         granite = has_attrs(module, "input_linear", "output_linear", "activation") and isinstance(

@@ -28,6 +28,7 @@ class ExpertsAdapter(Adapter):
     name = "moe-experts"
     family = "mixture-of-experts expert banks"
     role = "other"
+    uses = ("gate_up_proj", "up_proj", "down_proj", "act_fn.*")
 
     def matches(self, module: nn.Module) -> bool:
         if not has_attrs(module, "down_proj", "act_fn", "num_experts") or not _is_bank(module.down_proj):

@@ -42,11 +42,21 @@ def registered_adapters() -> list[Adapter]:
 
 
 def find_adapter(module: nn.Module) -> Adapter | None:
-    """The first registered adapter that matches ``module``, or ``None``."""
+    """The first registered adapter that matches ``module`` and can run it exactly, or ``None``."""
+    return match_adapter(module)[0]
+
+
+def match_adapter(module: nn.Module) -> tuple[Adapter | None, list[tuple[Adapter, str]]]:
+    """The first registered adapter that matches ``module`` and does not refuse it, and the
+    ``(adapter, reason)`` of every adapter tried before it that matched but refused."""
+    refused: list[tuple[Adapter, str]] = []
     for adapter in _ADAPTERS:
         if adapter.matches(module):
-            return adapter
-    return None
+            reason = adapter.refuse(module)
+            if reason is None:
+                return adapter, refused
+            refused.append((adapter, reason))
+    return None, refused
 
 
 def supported_families() -> list[str]:

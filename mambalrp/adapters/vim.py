@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mambalrp.adapters.base import Adapter, has_attrs, refuse_non_silu
-from mambalrp.adapters.mamba_ssm_mamba1 import _MAMBA_SSM_ATTRS, mamba1_branch
+from mambalrp.adapters.base import Adapter, first_problem, has_attrs
+from mambalrp.adapters.mamba_ssm_mamba1 import _MAMBA_SSM_ATTRS, mamba1_branch, mamba1_problem
 from mambalrp.context import LRPContext
 
 
@@ -24,16 +24,27 @@ class VimBiMambaAdapter(Adapter):
     name = "vim-bimamba-v2"
     family = "Vision Mamba bidirectional mixer (Vim, bimamba v2)"
     role = "mixer"
+    uses = (
+        "in_proj.*", "out_proj.*", "A_log", "D", "A_b_log", "D_b",
+        "conv1d.weight", "conv1d.bias", "x_proj.*", "dt_proj.weight", "dt_proj.bias",
+        "conv1d_b.weight", "conv1d_b.bias", "x_proj_b.*", "dt_proj_b.weight", "dt_proj_b.bias",
+    )
 
     def matches(self, module: nn.Module) -> bool:
         if not has_attrs(module, *_MAMBA_SSM_ATTRS, "A_b_log", "D_b", "conv1d_b", "x_proj_b", "dt_proj_b"):
             return False
         return getattr(module, "bimamba_type", "v2") == "v2" and module.A_b_log.dim() == 2
 
+    def refuse(self, module: nn.Module) -> str | None:
+        return first_problem(
+            super().refuse(module),
+            mamba1_problem(module, one_direction=False),
+            mamba1_problem(module, "_b", one_direction=False),
+        )
+
     def forward(
         self, module: nn.Module, ctx: LRPContext, hidden_states: torch.Tensor, inference_params: Any = None, **kwargs: Any
     ) -> torch.Tensor:
-        refuse_non_silu(self.name, module)
         R = ctx.rules
         dtype = hidden_states.dtype
         xz = ctx.tap(module, "in_proj", module.in_proj(hidden_states)).transpose(1, 2)  # (b, 2d, T)

@@ -77,4 +77,6 @@ class MambaSequenceClassifier(nn.Module):
         else:
             index = last_token_index(attention_mask)
             last = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
-        return self.head(last)
+        # The backbone's residual stream may stay in float32 (``residual_in_fp32``) while the
+        # weights are half precision: the head computes in its own dtype.
+        return self.head(last.to(self.head.weight.dtype))
