@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench suite suite-quick clean
+.PHONY: demo test test-matrix bench suite suite-quick clean
 
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The model tests against the oldest, a middle and the newest supported transformers (noxfile.py).
+test-matrix: $(STAMP)
+	$(PY) -m nox
+
 bench: $(STAMP)
 	$(PY) -m benchmarks.core_scaling
 
@@ -34,4 +38,4 @@ suite-quick: $(STAMP)
 	$(PY) -m benchmarks.suite --quick --out build/suite-quick
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .nox

@@ -13,14 +13,16 @@ setup(
     packages=find_packages(include=["mambalrp", "mambalrp.*"]) + ["mambalrp.kernels"],
     package_dir={"mambalrp.kernels": "kernels"},
     package_data={"mambalrp": ["assets/zoo/*/*"]},
-    install_requires=["torch>=2.1", "numpy>=1.24"],
+    # The ranges tested: torch 2.13 (CPU) and 2.11 (GPU); transformers 4.52.4, 4.57.6 and 5.24.0 in
+    # the version matrix (noxfile.py, `make test-matrix`), 5.12.1 and 5.17.0 by hand.
+    install_requires=["torch>=2.11,<2.14", "numpy>=1.24"],
     extras_require={
-        "transformers": ["transformers>=4.44"],
+        "transformers": ["transformers>=4.52,<5.25"],
         "triton": ["triton>=3.0"],
         "zennit": ["zennit>=0.5"],
         "mamba-ssm": ["mamba-ssm>=2.2", "causal-conv1d>=1.4"],
         "bench": ["matplotlib>=3.7", "tokenizers>=0.15", "safetensors>=0.4"],
-        "dev": ["pytest>=7", "hypothesis>=6", "transformers>=4.44", "triton>=3.0", "matplotlib>=3.7"],
+        "dev": ["pytest>=7", "hypothesis>=6", "transformers>=4.52,<5.25", "triton>=3.0", "matplotlib>=3.7", "nox>=2024.4"],
     },
     entry_points={"console_scripts": ["mambalrp=mambalrp.cli:main"]},
 )

@@ -15,14 +15,16 @@ cached, see :func:`fingerprint`), and a failure raises :class:`VerificationError
    covers (an older attention class, a router, a custom activation) lets relevance leak and
    breaks that sum; the error names the leaking blocks and the uncovered operations.
 
-The probe is one or two rows of at most :data:`PROBE_TOKENS` tokens (random ids, seeded; a
-left-padded second row when the model takes an attention mask) or, for models explained from an
-``input_layer``, the first example of the call. The probe never modifies the model: additive
+The probe is one or two rows of random ids (seeded; a left-padded second row when the model
+takes an attention mask) of 32, 64, ..., 1024 tokens, the bucket of the explained input's length
+(see :func:`probe_bucket`), or, for models explained from an ``input_layer``, the first example
+of the call. Each bucket is verified once per model state. The probe never modifies the model: additive
 tensors are swapped for zeros in their module slots and the very same objects put back.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import weakref
 from dataclasses import dataclass, field
@@ -50,7 +52,22 @@ from mambalrp.rules import MAMBALRP, RuleSet
 from mambalrp.state import autograd_enabled, exclusive, frozen
 
 PROBE_TOKENS = 32
-"""Longest probe sequence (shorter when the explained input is shorter)."""
+"""Shortest probe bucket: inputs of up to this many tokens are verified on a probe of their length."""
+
+LONGEST_PROBE = 1024
+"""Longest probe: inputs longer than this are verified on a probe of this many tokens."""
+
+
+def probe_bucket(length: int) -> int:
+    """The verdict bucket of an input of ``length`` tokens: the smallest power of two times
+    :data:`PROBE_TOKENS` that holds it, at most :data:`LONGEST_PROBE`. A bucket is verified on a
+    probe of its full length (the input's length if the model cannot run the longer probe), so
+    every input in it is covered, including effects that only appear in longer sequences (a
+    chunked scan's later chunks)."""
+    bucket = PROBE_TOKENS
+    while bucket < min(length, LONGEST_PROBE):
+        bucket *= 2
+    return bucket
 
 _SEED = 20240601
 
@@ -283,15 +300,23 @@ def ensure_verified(
 ) -> Verification:
     """The (cached) verification of ``model`` for inputs like ``inputs``; raises
     :class:`VerificationError` if it failed. Call with the model frozen and locked."""
-    length = min(inputs.shape[1], PROBE_TOKENS) if not input_layer else None
-    key = ("input_layer", tuple(inputs.shape[1:])) if input_layer else ("tokens", length)
+    bucket = probe_bucket(inputs.shape[1]) if not input_layer else None
+    key = ("input_layer", tuple(inputs.shape[1:])) if input_layer else ("tokens", bucket)
     verdicts = _VERDICTS.setdefault(model, {})
     stamp = fingerprint(model, targets)
     cached = verdicts.get(key)
     if cached is not None and cached[0] == stamp and not force:
         verification = cached[1]
     else:
-        verification = _measure(model, targets, input_module, inputs, input_layer=input_layer, length=length)
+        measure = functools.partial(_measure, model, targets, input_module, inputs, input_layer=input_layer)
+        try:
+            verification = measure(length=bucket)
+        except Exception:  # noqa: BLE001 - e.g. positions beyond what the model takes: retry below
+            if bucket is None or inputs.shape[1] >= bucket:
+                raise
+            verification = None
+        if verification is None or (verification.reference_error and bucket and inputs.shape[1] < bucket):
+            verification = measure(length=inputs.shape[1])  # as long as the explained input
         verdicts[key] = (stamp, verification)
     problems = verification.problems(leaks=leaks)
     if problems:
@@ -505,8 +530,9 @@ def verify(
     Args:
         model: The model.
         inputs: For models explained from an ``input_layer``: an example input batch (the
-            first example is the probe). For token models: optional ids whose length (up to
-            :data:`PROBE_TOKENS`) sets the probe's; the probe's ids are random.
+            first example is the probe). For token models: optional ids whose length selects
+            the probe bucket (see :func:`probe_bucket`; default :data:`PROBE_TOKENS` tokens);
+            the probe's ids are random.
         input_layer: As for :func:`mambalrp.explain`.
         force: Measure again even if a verdict for this model state is cached.
 
@@ -528,7 +554,7 @@ def verify(
             module, probe_inputs, _ = resolve_inputs(model, inputs, None, input_layer)
         else:
             module = input_embedding(model)
-            length = PROBE_TOKENS if inputs is None else max(1, min(int(inputs.shape[-1]), PROBE_TOKENS))
+            length = PROBE_TOKENS if inputs is None else max(1, int(inputs.shape[-1]))
             probe_inputs = torch.zeros(1, length, dtype=torch.long)
         targets = plan(model, MAMBALRP)
         with frozen(model):

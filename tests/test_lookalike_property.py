@@ -186,11 +186,7 @@ def test_standard_explained(spec):
     assert outcome == "explained", err
 
 
-# KNOWN LIBRARY DEFECT (kept failing on purpose, do not mark xfail without fixing the library):
-# torch's own nn.RMSNorm built with its default eps=None (= torch.finfo(dtype).eps) is not
-# matched by mambalrp.adapters.norms.RMSNormAdapter (it requires a float eps), so no LN rule
-# covers it and verification refuses the model ("relevance leaks"). A standard model is wrongly
-# refused. nn.RMSNorm(d, eps=1e-5) is explained (see test_standard_explained).
+# torch's own nn.RMSNorm with its default eps=None (torch.finfo(dtype).eps): a standard norm.
 def test_torch_rmsnorm_with_default_eps_is_explained():
     spec = one_layer(standard("ssm1"), norm="rms_default_eps", final="rms_default_eps")
     model, ids, description = build(spec)
@@ -224,12 +220,23 @@ def test_reference_mixers_match_transformers(kernel):
     with torch.no_grad():
         torch.testing.assert_close(mine.layers[0].mixer(x), theirs(x), atol=1e-5, rtol=1e-5)
 
+
+@pytest.mark.parametrize("kernel", [3, 4])
+def test_reference_mamba2_mixers_match_transformers(kernel):
+    """The loop-based standard Mamba-2 mixer (gated norm per group) computes what transformers'
+    Mamba2Mixer computes, where that normalises per group (transformers 5.18 and later)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
+
+    x = torch.randn(2, 7, 12, generator=torch.Generator().manual_seed(1))
     mine, _, _ = build(one_layer(standard("hf2", kernel=kernel, groups=2, head_dim=4), d_model=12))
     cfg = transformers.Mamba2Config(
         hidden_size=12, state_size=4, expand=2, conv_kernel=kernel, use_bias=False, use_conv_bias=True, head_dim=4,
         num_heads=6, n_groups=2, layer_norm_epsilon=1e-6, chunk_size=4,
     )
     theirs = Mamba2Mixer(cfg, 0)
+    if not hasattr(theirs.norm, "group_size"):
+        pytest.skip("this transformers release normalises Mamba-2's gated norm over the whole width")
     theirs.load_state_dict(mine.layers[0].mixer.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(mine.layers[0].mixer(x), theirs(x), atol=1e-5, rtol=1e-5)

@@ -7,9 +7,14 @@ Built-in adapters, registered at import:
     * :class:`~mambalrp.adapters.mamba_ssm_mamba2.MambaSSMMamba2Adapter`: mamba_ssm Mamba-2 mixers,
       and the layers around them in ``mamba_ssm_model`` (Block, MixerModel, GatedMLP, MHA).
     * :class:`~mambalrp.adapters.vim.VimBiMambaAdapter`: Vision Mamba bidirectional mixers.
-    * :class:`~mambalrp.adapters.hf_attention.HFAttentionAdapter`: attention layers of hybrids.
+    * :class:`~mambalrp.adapters.hf_attention.HFAttentionAdapter`: attention layers of hybrids;
+      :class:`~mambalrp.adapters.inline_attention.InlineAttentionAdapter`: attention computed
+      inline (Jamba on transformers 4.x).
     * :class:`~mambalrp.adapters.mlp.GatedMLPAdapter`, :class:`~mambalrp.adapters.mlp.FusedGatedMLPAdapter`:
       gated MLPs; :class:`~mambalrp.adapters.moe.ExpertsAdapter`: mixture-of-experts banks;
+      :class:`~mambalrp.adapters.moe_router.RouterExpertListAdapter`,
+      :class:`~mambalrp.adapters.moe_parallel.ParallelExpertsAdapter`: the MoE blocks of Jamba and
+      GraniteMoeHybrid in older transformers releases;
       :class:`~mambalrp.adapters.activations.ActivationAdapter`: activations outside mixers.
     * :class:`~mambalrp.adapters.norms.RMSNormAdapter`: RMSNorms.
     * :class:`~mambalrp.adapters.norms.LinearAdapter`: ``nn.Linear`` (epsilon / gamma rules only).
@@ -31,7 +36,10 @@ from mambalrp.adapters.mamba_ssm_model import (
     MambaSSMGatedMLPAdapter,
 )
 from mambalrp.adapters.mlp import FusedGatedMLPAdapter, GatedMLPAdapter
+from mambalrp.adapters.inline_attention import InlineAttentionAdapter
 from mambalrp.adapters.moe import ExpertsAdapter
+from mambalrp.adapters.moe_parallel import ParallelExpertsAdapter
+from mambalrp.adapters.moe_router import RouterExpertListAdapter
 from mambalrp.adapters.vim import VimBiMambaAdapter
 from mambalrp.adapters.norms import LinearAdapter, RMSNormAdapter
 from mambalrp.adapters.registry import (
@@ -50,7 +58,10 @@ _BUILTIN = (
     GatedMLPAdapter(),
     FusedGatedMLPAdapter(),
     ExpertsAdapter(),
+    RouterExpertListAdapter(),
+    ParallelExpertsAdapter(),
     HFAttentionAdapter(),
+    InlineAttentionAdapter(),
     HFMambaMixerAdapter(),
     HFMamba2MixerAdapter(),
     MambaSSMMixerAdapter(),
@@ -73,6 +84,7 @@ __all__ = [
     "HFAttentionAdapter",
     "HFMamba2MixerAdapter",
     "HFMambaMixerAdapter",
+    "InlineAttentionAdapter",
     "LinearAdapter",
     "MambaSSMAttentionAdapter",
     "MambaSSMBackboneAdapter",
@@ -80,7 +92,9 @@ __all__ = [
     "MambaSSMGatedMLPAdapter",
     "MambaSSMMamba2Adapter",
     "MambaSSMMixerAdapter",
+    "ParallelExpertsAdapter",
     "RMSNormAdapter",
+    "RouterExpertListAdapter",
     "VimBiMambaAdapter",
     "find_adapter",
     "has_attrs",

@@ -98,6 +98,12 @@ def mask_padding(x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.
 
 
 
+def code_names(module: nn.Module) -> tuple[str, ...]:
+    """Global, attribute and local names the code of ``module``'s ``forward`` refers to."""
+    code = getattr(inspect.unwrap(type(module).forward), "__code__", None)
+    return () if code is None else code.co_names + code.co_varnames
+
+
 def unaccounted(module: nn.Module, patterns: tuple[str, ...]) -> list[str]:
     """Names of ``module``'s parameters and buffers (recursive) that match none of ``patterns``."""
     names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]

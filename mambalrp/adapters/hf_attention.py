@@ -12,13 +12,12 @@ the call.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
-from mambalrp.adapters.base import Adapter, has_attrs
+from mambalrp.adapters.base import Adapter, code_names, has_attrs
 from mambalrp.context import LRPContext
 from mambalrp.errors import MambaLRPError
 
@@ -88,8 +87,7 @@ class HFAttentionAdapter(Adapter):
     def matches(self, module: nn.Module) -> bool:
         if not has_attrs(module, "q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "config"):
             return False
-        code = getattr(inspect.unwrap(type(module).forward), "__code__", None)
-        return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
+        return "ALL_ATTENTION_FUNCTIONS" in code_names(module)
 
     def forward(self, module: nn.Module, ctx: LRPContext, *args: Any, **kwargs: Any) -> Any:
         _install()

@@ -39,7 +39,7 @@ class HFMambaMixerAdapter(Adapter):
     role = "mixer"
     uses = (
         "in_proj.*", "conv1d.weight", "conv1d.bias", "x_proj.*", "dt_proj.weight", "dt_proj.bias", "A_log", "D",
-        "out_proj.*", "dt_layernorm.*", "b_layernorm.*", "c_layernorm.*",
+        "out_proj.*", "dt_layernorm.*", "b_layernorm.*", "c_layernorm.*", "b_c_rms", "dt_rms",
     )
 
     def matches(self, module: nn.Module) -> bool:
@@ -84,9 +84,10 @@ class HFMambaMixerAdapter(Adapter):
         if has_attrs(module, "dt_layernorm", "b_layernorm", "c_layernorm"):  # FalconMamba
             time_step = module.dt_layernorm(time_step)
             B, C = module.b_layernorm(B), module.c_layernorm(C)
-        elif isinstance(module.__dict__.get("rms_eps"), float):  # FalconMamba before transformers 5.13
-            eps = module.rms_eps
-            time_step, B, C = (_weightless_rms(t, eps) for t in (time_step, B, C))
+        elif has_attrs(module, "rms_eps", "b_c_rms", "dt_rms"):
+            # FalconMamba before transformers 5.13: weightless RMS norms as plain calls of
+            # rms_forward(t, variance_epsilon=self.rms_eps) (b_c_rms and dt_rms are ones).
+            time_step, B, C = (_weightless_rms(t, module.rms_eps) for t in (time_step, B, C))
         dt = F.linear(time_step, module.dt_proj.weight).float()
         if module.dt_proj.bias is not None:
             dt = dt + module.dt_proj.bias.float()

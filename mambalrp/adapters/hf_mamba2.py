@@ -40,11 +40,11 @@ class HFMamba2MixerAdapter(Adapter):
     uses = ("in_proj.*", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D", "norm.weight", "out_proj.*", "mup_vector")
 
     def matches(self, module: nn.Module) -> bool:
-        if not has_attrs(module, "in_proj", "conv1d", "dt_bias", "A_log", "D", "norm", "out_proj"):
+        if not has_attrs(module, "in_proj", "conv1d", "dt_bias", "A_log", "D", "out_proj"):
             return False
         if not has_attrs(module, "num_heads", "head_dim", "n_groups", "ssm_state_size", "intermediate_size"):
             return False
-        return module.A_log.dim() == 1 and (has_attrs(module.norm, "weight") or _ungated(module))
+        return module.A_log.dim() == 1 and (_ungated(module) or (has_attrs(module, "norm") and has_attrs(module.norm, "weight")))
 
     def refuse(self, module: nn.Module) -> str | None:
         d, h, g, n = module.intermediate_size, module.num_heads, module.n_groups, module.ssm_state_size
@@ -96,24 +96,41 @@ class HFMamba2MixerAdapter(Adapter):
         B, C = ctx.tap(module, "B", R.ssm_coefficient(B)), ctx.tap(module, "C", R.ssm_coefficient(C))
 
         dt = F.softplus(R.ssm_coefficient(dt).float() + module.dt_bias.float())
-        lo, hi = getattr(module, "time_step_limit", None) or (0.0, float("inf"))  # None: no limit
+        lo, hi = _dt_limit(module)
         dt = ctx.tap(module, "delta", torch.clamp(dt, min=lo, max=hi))
         A = -torch.exp(module.A_log.float())
 
         y = R.ssd_scan(x.reshape(b, T, h, p), dt, A, B.reshape(b, T, g, n), C.reshape(b, T, g, n), module.D.float())
         y = ctx.tap(module, "y", y.reshape(b, T, d))
-        norm = module.norm
         if _ungated(module):  # no gated norm (Falcon-H1 with mamba_rms_norm=False): y * silu(z)
             y = R.mul(y, R.act(z).to(y.dtype))
         else:
+            norm = module.norm
             y = R.gated_rmsnorm(y, z, norm.weight, _norm_eps(norm), _group_size(norm, d), getattr(norm, "norm_before_gate", False))
         y = ctx.tap(module, "gate", y)
         return ctx.tap(module, "out_proj", module.out_proj(y.to(dtype)))
 
 
+def _dt_limit(module: nn.Module) -> tuple[float, float]:
+    """The clamp the module's own torch path applies to ``dt``.
+
+    Zamba2 and NemotronH up to transformers 5.12 keep ``time_step_limit`` (Zamba2's default is
+    ``None``) but their ``torch_forward`` ignores it and clamps at ``time_step_min`` instead; 5.17
+    and later set ``time_step_limit = (time_step_min, inf)`` and use it.
+    """
+    torch_forward = getattr(type(module), "torch_forward", None)
+    names = getattr(getattr(torch_forward, "__code__", None), "co_names", ())
+    if "time_step_min" in names and "time_step_limit" not in names:
+        return float(module.time_step_min), float("inf")
+    limit = getattr(module, "time_step_limit", None)
+    return (0.0, float("inf")) if limit is None else (float(limit[0]), float(limit[1]))
+
+
 def _ungated(module: nn.Module) -> bool:
-    """The mixer has no gated norm and says so (``norm`` is ``nn.Identity``, ``mamba_rms_norm`` false)."""
-    return isinstance(module.norm, nn.Identity) and module.__dict__.get("mamba_rms_norm", None) is False
+    """The mixer has no gated norm and says so: ``mamba_rms_norm`` false and ``norm`` an
+    ``nn.Identity`` (transformers 5.x) or absent (4.x)."""
+    norm = module._modules.get("norm", None)
+    return module.__dict__.get("mamba_rms_norm", None) is False and (norm is None or isinstance(norm, nn.Identity))
 
 
 def _multiplier_problem(module: nn.Module, width: int) -> str | None:
