@@ -43,7 +43,7 @@ from mambalrp.conservation import (
     uncovered_operations,
     zeroed,
 )
-from mambalrp.context import lrp, plan
+from mambalrp.context import lrp, planned
 from mambalrp.errors import InputError, UnsupportedModelError
 from mambalrp.inputs import (
     Target,
@@ -241,7 +241,7 @@ def check_rules(
     rule_set = get_rules(rules)
     with exclusive(model), autograd_enabled():
         embedding, ids, mask = resolve_inputs(model, input_ids, attention_mask, input_layer)
-        targets = plan(model, rule_set)
+        targets, _ = planned(model, rule_set)
         block_names = list(blocks) if blocks is not None else residual_blocks(model, targets)
         pos = positions(position, mask, ids) if input_layer is None else None
         with frozen(model):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from mambalrp.errors import MambaLRPError, UnsupportedModelError
+from mambalrp.fingerprint import fingerprint
 from mambalrp.rules import RuleSet, get_rules
 from mambalrp.state import exclusive, restoring
 
@@ -41,6 +43,28 @@ class LRPContext:
         if self.tap_fn is None:
             return tensor
         return self.tap_fn(module, name, tensor)
+
+
+_PLANS: weakref.WeakKeyDictionary[nn.Module, dict[bool, tuple[int, list]]] = weakref.WeakKeyDictionary()
+
+
+def planned(model: nn.Module, rules: RuleSet) -> tuple[list[tuple[str, nn.Module, object]], int]:
+    """:func:`plan`, cached per model instance under its fingerprint
+    (:func:`mambalrp.fingerprint.fingerprint`); returns the plan and that fingerprint."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    stamp = fingerprint(model)
+    cached = _PLANS.get(model, {}).get(rules.patches_linear)
+    if cached is not None and cached[0] == stamp:
+        return list(cached[1]), stamp
+    targets = plan(model, rules)
+    _PLANS.setdefault(model, {})[rules.patches_linear] = (stamp, targets)
+    return list(targets), stamp
+
+
+def forget_plan(model: nn.Module) -> None:
+    """Drop the cached patch plans of ``model``."""
+    _PLANS.pop(model, None)
 
 
 def plan(model: nn.Module, rules: RuleSet) -> list[tuple[str, nn.Module, object]]:
@@ -201,7 +225,7 @@ def lrp(
     """
     ctx = LRPContext(rules=get_rules(rules), tap_fn=tap_fn)
     with exclusive(model), patched_forwards() as patch:
-        targets = plan(model, ctx.rules) if patch_plan is None else patch_plan
+        targets = planned(model, ctx.rules)[0] if patch_plan is None else patch_plan
         for name, module, adapter in targets:
             ctx.module_names[module] = name
             patch(module, _ruled_forward(adapter, module, ctx, name))

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mambalrp.context import lrp, plan
+from mambalrp.context import lrp, planned
 from mambalrp.errors import InputError, UnsupportedModelError
 from mambalrp.explanation import Explanation
 from mambalrp.inputs import (
@@ -109,11 +109,13 @@ def explain(
     check_target(target)
     with exclusive(model), autograd_enabled():
         embedding, ids, mask = resolve_inputs(model, input_ids, attention_mask, input_layer)
-        targets = plan(model, rule_set)  # fail before anything is touched
+        targets, stamp = planned(model, rule_set)  # fail before anything is touched
         pos = positions(position, mask, ids) if input_layer is None else None
         with frozen(model):
             if verify:  # cached after the first call for this model state
-                ensure_verified(model, targets, embedding, ids, input_layer=input_layer is not None, leaks=rule_set.conserving)
+                ensure_verified(
+                    model, targets, stamp, embedding, ids, input_layer=input_layer is not None, leaks=rule_set.conserving
+                )
             layers = recompute_layers(model, targets, fraction) if fraction else contextlib.nullcontext()
             with lrp(model, rule_set, patch_plan=targets), layers, capture_embedding(embedding) as captured:
                 output, first = call_model(model, ids, mask, keep_from=None if pos is None else int(pos.min()))

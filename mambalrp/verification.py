@@ -1,7 +1,7 @@
 """Verification: before an explanation is returned, establish that it explains the model.
 
 Two properties are checked on a short probe, once per model instance and state (the verdict is
-cached, see :func:`fingerprint`), and a failure raises :class:`VerificationError`:
+cached, see :func:`mambalrp.fingerprint.fingerprint`), and a failure raises :class:`VerificationError`:
 
 1. **The same function.** The model's output under the rules equals its output without them.
    Adapters re-implement forwards from weights; a look-alike module that an adapter claims but
@@ -24,8 +24,8 @@ tensors are swapped for zeros in their module slots and the very same objects pu
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import hashlib
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +45,7 @@ from mambalrp.conservation import (
     uncovered_operations,
     zeroed,
 )
-from mambalrp.context import HOWTO, LRPContext, lrp, plan
+from mambalrp.context import HOWTO, LRPContext, forget_plan, lrp, planned
 from mambalrp.errors import MambaLRPError
 from mambalrp.inputs import accepts_mask, call_model, capture_embedding, check_model, input_embedding, output_tensor
 from mambalrp.rules import MAMBALRP, RuleSet
@@ -232,65 +232,22 @@ class Verification:
 
 
 _VERDICTS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[int, Verification]]] = weakref.WeakKeyDictionary()
-_SIMPLE = (bool, int, float, str, type(None))
-_SKIPPED_ATTRS = frozenset({"training", "_is_hf_initialized"})
-
-
-def _simple_items(obj: Any) -> tuple:
-    items = []
-    for k, v in vars(obj).items():
-        if k in _SKIPPED_ATTRS:
-            continue
-        if isinstance(v, _SIMPLE) or (isinstance(v, (tuple, list)) and all(isinstance(x, _SIMPLE) for x in v)):
-            items.append((k, tuple(v) if isinstance(v, list) else v))
-    return tuple(items)
-
-
-def fingerprint(model: nn.Module, targets: list[tuple[str, nn.Module, object]]) -> int:
-    """A value that changes whenever the model may compute something else under the rules.
-
-    It covers: the module tree (names, objects, classes and their ``forward``, instance
-    ``forward`` attributes, hooks), every module's plain attributes (numbers, strings, flags,
-    e.g. an activation name or a step-size limit) and its config's, every parameter and buffer
-    (object, version counter, dtype, device, shape, and a few sampled values), and the adapter
-    chosen for each module. In-place updates (optimiser steps, ``load_state_dict``, ``copy_``)
-    bump version counters; ``model.to()`` changes dtypes or devices; registering an adapter changes
-    the plan. Writes through ``.data`` bypass version counters and are caught only by the sampled
-    values: after such writes call ``verify(model, force=True)``.
-    """
-    parts: list[Any] = []
-    configs: dict[int, Any] = {}
-    for name, m in model.named_modules():
-        cls = type(m)
-        parts.append(
-            (name, id(m), cls, getattr(cls.forward, "__code__", cls.forward), id(m.__dict__.get("forward")),
-             tuple(m._forward_hooks), tuple(m._forward_pre_hooks), _simple_items(m))
-        )
-        config = m.__dict__.get("config")
-        if config is not None and id(config) not in configs and hasattr(config, "__dict__"):
-            configs[id(config)] = _simple_items(config)
-    parts.append(tuple(configs.items()))
-    samples = []
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        parts.append((name, id(t), t._version, t.dtype, t.device.type, t.device.index, tuple(t.shape)))
-        if t.numel():
-            flat = t.detach().reshape(-1)
-            samples.append(flat[:: max(1, flat.numel() // 3)][:4].double())
-    if samples:
-        parts.append(hashlib.blake2b(torch.cat([s.cpu() for s in samples]).numpy().tobytes(), digest_size=8).digest())
-    parts.append(tuple((name, id(adapter)) for name, _, adapter in targets))
-    parts.append((tuple(torch.nn.modules.module._global_forward_hooks), tuple(torch.nn.modules.module._global_forward_pre_hooks)))
-    return hash(tuple(parts))
 
 
 def forget(model: nn.Module) -> None:
-    """Drop the cached verdicts of ``model`` (the next explanation verifies again)."""
+    """Drop the cached verdicts (and patch plans) of ``model``: the next explanation verifies again.
+
+    Needed only after changes the fingerprint cannot see (see :func:`mambalrp.fingerprint.fingerprint`),
+    such as writes through ``.data`` that leave the sampled values unchanged.
+    """
     _VERDICTS.pop(model, None)
+    forget_plan(model)
 
 
 def ensure_verified(
     model: nn.Module,
     targets: list[tuple[str, nn.Module, object]],
+    stamp: int,
     input_module: nn.Module,
     inputs: torch.Tensor,
     *,
@@ -299,11 +256,13 @@ def ensure_verified(
     force: bool = False,
 ) -> Verification:
     """The (cached) verification of ``model`` for inputs like ``inputs``; raises
-    :class:`VerificationError` if it failed. Call with the model frozen and locked."""
+    :class:`VerificationError` if it failed.
+
+    ``targets`` and ``stamp`` are what :func:`mambalrp.context.planned` returned (the patch plan
+    and the fingerprint it was cached under). Call with the model frozen and locked."""
     bucket = probe_bucket(inputs.shape[1]) if not input_layer else None
     key = ("input_layer", tuple(inputs.shape[1:])) if input_layer else ("tokens", bucket)
     verdicts = _VERDICTS.setdefault(model, {})
-    stamp = fingerprint(model, targets)
     cached = verdicts.get(key)
     if cached is not None and cached[0] == stamp and not force:
         verification = cached[1]
@@ -340,27 +299,27 @@ def _message(v: Verification, problems: list[str]) -> str:
 # The measurements
 
 
-def _probe_inputs(model: nn.Module, input_module: nn.Module, inputs: torch.Tensor, input_layer: bool, length: int | None):
-    """``(inputs, mask)`` of the probe."""
+MASKED_PROBE_TOKENS = 32
+"""Length of the extra two-row probe (one row left-padded) that checks the padding path."""
+
+
+def _probes(model: nn.Module, input_module: nn.Module, inputs: torch.Tensor, input_layer: bool, length: int | None):
+    """The probe batches as ``(inputs, mask)``: one row of ``length`` random ids, and, when the
+    model takes an attention mask, two rows of up to :data:`MASKED_PROBE_TOKENS` ids with the
+    second left-padded (the padding path does not depend on the length, so it is checked short)."""
     if input_layer:
-        return inputs[:1], None
+        return [(inputs[:1], None)]
     vocab = input_module.num_embeddings
-    gen = torch.Generator().manual_seed(_SEED)
-    ids = torch.randint(0, vocab, (1, length), generator=gen)
-    mask = None
-    if length >= 4 and accepts_mask(model):
-        pad = length // 4
-        ids = torch.cat([ids, torch.randint(0, vocab, (1, length), generator=gen)])
-        mask = torch.ones_like(ids)
-        mask[1, :pad] = 0
     device = input_module.weight.device
-    return ids.to(device), None if mask is None else mask.to(device)
-
-
-def _last_positions(out: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    if mask is None or out.shape[1] != mask.shape[1]:
-        return torch.full((out.shape[0],), out.shape[1] - 1, device=out.device)
-    return mask.shape[1] - 1 - mask.flip(-1).argmax(-1).to(out.device)
+    gen = torch.Generator().manual_seed(_SEED)
+    batches = [(torch.randint(0, vocab, (1, length), generator=gen).to(device), None)]
+    short = min(length, MASKED_PROBE_TOKENS)
+    if short >= 4 and accepts_mask(model):
+        ids = torch.randint(0, vocab, (2, short), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[1, : short // 4] = 0
+        batches.append((ids.to(device), mask.to(device)))
+    return batches
 
 
 def _real(out: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -439,40 +398,55 @@ def _measure(
     length: int | None,
 ) -> Verification:
     patched = [t for t in targets if getattr(t[2], "role", None) != "linear"]
-    ids, mask = _probe_inputs(model, input_module, inputs, input_layer, length)
-    probe = f"{ids.shape[0]} x {ids.shape[1]} tokens" + (", one left-padded" if mask is not None else "")
+    batches = _probes(model, input_module, inputs, input_layer, length)
+    ids, mask = batches[0]
     if input_layer:
         probe = f"1 input of shape {tuple(ids.shape[1:])}"
+    else:
+        probe = f"1 x {ids.shape[1]} tokens" + (
+            f", and 2 x {batches[1][0].shape[1]} with one row left-padded" if len(batches) > 1 else ""
+        )
 
-    # 1. The same function.
-    reference, reference_error = None, ""
-    try:
-        with torch.no_grad(), _CallRecorder(patched) as recorder:
-            reference = output_tensor(call_model(model, ids, mask, None)[0])
-    except Exception as err:  # noqa: BLE001 - reported: the comparison is impossible, not wrong
-        reference_error = f"{type(err).__name__}: {err}"
-    with torch.no_grad(), lrp(model, MAMBALRP, patch_plan=patched), additive_uses(model) as additive:
-        under_rules = output_tensor(call_model(model, ids, mask, None)[0])
+    # 1. The same function, on every probe batch; additive tensors found on the way.
     tol = tolerance(compute_dtype(model))
-    difference, scale, mismatches = float("inf"), 0.0, []
-    if reference is not None:
-        ref, got = _real(reference, mask).float(), _real(under_rules, mask).float()
-        if ref.shape == got.shape:
-            difference = float((ref - got).abs().max()) if ref.numel() else 0.0
-        scale = float(ref.abs().max()) if ref.numel() else 0.0
-        if not difference <= tol * max(scale, 1e-6):
+    difference, scale, mismatches, reference_error = 0.0, 0.0, [], ""
+    additive: dict[str, torch.Tensor] = {}  # found while the first patched forward runs
+    for k, (probe_ids, probe_mask) in enumerate(batches):
+        try:
+            with torch.no_grad():
+                reference = output_tensor(call_model(model, probe_ids, probe_mask, None)[0])
+        except Exception as err:  # noqa: BLE001 - reported: the comparison is impossible, not wrong
+            reference_error = f"{type(err).__name__}: {err}"
+            reference = None
+        watch = additive_uses(model) if k == 0 else contextlib.nullcontext({})
+        with torch.no_grad(), lrp(model, MAMBALRP, patch_plan=patched), watch as found:
+            under_rules = output_tensor(call_model(model, probe_ids, probe_mask, None)[0])
+        additive.update(found)
+        if reference is None:
+            difference = float("inf")
+            continue
+        ref, got = _real(reference, probe_mask).float(), _real(under_rules, probe_mask).float()
+        if ref.shape != got.shape:
+            diff = float("inf")
+        else:
+            diff = float((ref - got).abs().max()) if ref.numel() else 0.0
+        scale = max(scale, float(ref.abs().max()) if ref.numel() else 0.0)
+        difference = max(difference, diff)
+        if not diff <= tol * max(scale, 1e-6) and not mismatches:  # name the modules (one more forward)
+            with torch.no_grad(), _CallRecorder(patched) as recorder:
+                call_model(model, probe_ids, probe_mask, None)
             mismatches = _localise(recorder.calls, tol)
-    recorder.calls.clear()
+            recorder.calls.clear()
 
     # 2. No leak: additive tensors zeroed, exact attention rule, a random linear read-out.
     exact: RuleSet = MAMBALRP.with_attention("cp")
     blocks = residual_blocks(model, patched)
     with zeroed(model, additive.values()), lrp(model, exact, patch_plan=patched), capture_embedding(input_module) as captured:
         with autograd_enabled(), attributing(model), BlockProbe(model, blocks) as probe_blocks:
-            out = output_tensor(call_model(model, ids, mask, None)[0])
+            out = output_tensor(call_model(model, ids, None, None)[0])
         with autograd_enabled():
             if out.dim() == 3:
-                out = out[torch.arange(out.shape[0], device=out.device), _last_positions(out, mask)]
+                out = out[:, -1]
             gen = torch.Generator().manual_seed(_SEED + 1)
             readout = torch.randn(out.shape[-1], generator=gen).to(out.device)
             score = (out.float() * readout).sum(-1)
@@ -556,11 +530,11 @@ def verify(
             module = input_embedding(model)
             length = PROBE_TOKENS if inputs is None else max(1, int(inputs.shape[-1]))
             probe_inputs = torch.zeros(1, length, dtype=torch.long)
-        targets = plan(model, MAMBALRP)
+        targets, stamp = planned(model, MAMBALRP)
         with frozen(model):
             try:
                 return ensure_verified(
-                    model, targets, module, probe_inputs, input_layer=input_layer is not None, force=force
+                    model, targets, stamp, module, probe_inputs, input_layer=input_layer is not None, force=force
                 )
             except VerificationError as err:
                 return err.verification

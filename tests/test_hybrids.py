@@ -13,6 +13,7 @@ import torch
 
 import mambalrp
 from hybrid_models import HYBRIDS, make, own_forward_is_wrong
+from mambalrp.fingerprint import fingerprint
 from tests_support import assert_same_state_simple
 
 IDS = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
@@ -105,3 +106,16 @@ def test_longer_than_a_chunk_is_verified_or_refused(hybrid):
         return
     exp = mambalrp.explain(model, ids, rules=CP)
     assert exp.verified and _relative(exp) <= 1e-4
+
+
+def test_the_fingerprint_is_stable_so_the_verdict_is_reused(hybrid):
+    """Nothing an explanation does (eval mode and back, patching and restoring, the probe)
+    changes what the fingerprint covers: later calls reuse the plan and the verdict."""
+    family, model = hybrid
+    _skip_if_refused_here(family)
+    mambalrp.explain(model, IDS, rules=CP)
+    stamp = fingerprint(model)
+    model.train()
+    mambalrp.explain(model, IDS, rules=CP)
+    model.eval()
+    assert fingerprint(model) == stamp

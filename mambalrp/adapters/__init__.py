@@ -23,7 +23,15 @@ See ``docs/adapters.md`` for writing and registering a new one.
 """
 
 from mambalrp.adapters.activations import ActivationAdapter
-from mambalrp.adapters.base import Adapter, has_attrs, mask_padding
+from mambalrp.adapters.base import (
+    Adapter,
+    activation_problem,
+    conv_problem,
+    direction_problem,
+    first_problem,
+    has_attrs,
+    mask_padding,
+)
 from mambalrp.adapters.hf_attention import HFAttentionAdapter
 from mambalrp.adapters.hf_mamba import HFMambaMixerAdapter
 from mambalrp.adapters.hf_mamba2 import HFMamba2MixerAdapter
@@ -96,7 +104,11 @@ __all__ = [
     "RMSNormAdapter",
     "RouterExpertListAdapter",
     "VimBiMambaAdapter",
+    "activation_problem",
+    "conv_problem",
+    "direction_problem",
     "find_adapter",
+    "first_problem",
     "has_attrs",
     "match_adapter",
     "mask_padding",

@@ -110,21 +110,22 @@ def unaccounted(module: nn.Module, patterns: tuple[str, ...]) -> list[str]:
     return [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
-def conv_problem(conv: Any, channels: int | None = None) -> str | None:
+def conv_problem(conv: Any, channels: int | None = None, name: str = "conv1d") -> str | None:
     """Why ``conv`` is not the depthwise causal ``nn.Conv1d`` the mixer adapters compute
-    (``padding = kernel - 1``, output cut to the input length), or ``None``."""
+    (``padding = kernel - 1``, output cut to the input length), or ``None``. ``name`` is the
+    conv's attribute name, for the message."""
     if not isinstance(conv, nn.Conv1d):
-        return f"its conv1d is a {type(conv).__name__}, not an nn.Conv1d"
+        return f"its {name} is a {type(conv).__name__}, not an nn.Conv1d"
     kernel = conv.kernel_size[0]
     if conv.groups != conv.in_channels or conv.out_channels != conv.in_channels:
-        return f"its conv1d is not depthwise (groups {conv.groups}, channels {conv.in_channels} -> {conv.out_channels})"
+        return f"its {name} is not depthwise (groups {conv.groups}, channels {conv.in_channels} -> {conv.out_channels})"
     if channels is not None and conv.in_channels != channels:
-        return f"its conv1d has {conv.in_channels} channels where the mixer needs {channels}"
+        return f"its {name} has {conv.in_channels} channels where the mixer needs {channels}"
     if tuple(conv.stride) != (1,) or tuple(conv.dilation) != (1,):
-        return f"its conv1d has stride {tuple(conv.stride)} and dilation {tuple(conv.dilation)} (causal convs use 1)"
+        return f"its {name} has stride {tuple(conv.stride)} and dilation {tuple(conv.dilation)} (causal convs use 1)"
     if isinstance(conv.padding, str) or tuple(conv.padding) != (kernel - 1,) or conv.padding_mode != "zeros":
         return (
-            f"its conv1d is not causal (padding {conv.padding!r}, mode {conv.padding_mode!r} for kernel {kernel}; "
+            f"its {name} is not causal (padding {conv.padding!r}, mode {conv.padding_mode!r} for kernel {kernel}; "
             f"a causal conv pads kernel - 1 = {kernel - 1} zeros)"
         )
     return None

@@ -88,7 +88,7 @@ def mamba1_problem(module: nn.Module, suffix: str = "", *, one_direction: bool =
     A_log = getattr(module, "A_log" if not suffix else f"A{suffix}_log")
     return first_problem(
         activation_problem(module),
-        conv_problem(getattr(module, "conv1d" + suffix), d),
+        conv_problem(getattr(module, "conv1d" + suffix), d, "conv1d" + suffix),
         mamba1_layout_problem(
             module.in_proj, getattr(module, "x_proj" + suffix), getattr(module, "dt_proj" + suffix), A_log,
             getattr(module, "D" + suffix), d, n, rank,
