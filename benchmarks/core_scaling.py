@@ -27,7 +27,8 @@ METHODS = ("forward", "forward_lrp", "explain", "paper")
 SEED = 0
 
 
-def _model(args: argparse.Namespace):
+def build_model(args: argparse.Namespace):
+    """The random-weight MambaForCausalLM of ``args``' shape (seeded)."""
     import torch
     from transformers import MambaConfig, MambaForCausalLM
 
@@ -63,7 +64,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.common import PeakMemory
 
     torch.set_num_threads(args.threads)
-    model = _model(args)
+    model = build_model(args)
     gen = torch.Generator().manual_seed(SEED)
     ids = torch.randint(0, args.vocab, (1, args.T), generator=gen)
     warm = torch.randint(0, args.vocab, (1, 8), generator=gen)

@@ -252,8 +252,8 @@ def check_rules(
                     reference = output_tensor(call_model(model, ids, mask, keep_from=None)[0])
                 except Exception as err:  # noqa: BLE001 - reported
                     forward_error = f"{type(err).__name__}: {err}"
-                with lrp(model, rule_set, patch_plan=targets), additive_uses(model) as additive:
-                    under_rules = output_tensor(call_model(model, ids, mask, keep_from=None)[0])
+            with lrp(model, rule_set, patch_plan=targets), capture_embedding(embedding), additive_uses(model) as additive:
+                under_rules = output_tensor(call_model(model, ids, mask, keep_from=None)[0]).detach()
             difference, scale = float("nan"), float("nan")
             if reference is not None:
                 real = mask.bool() if mask is not None and reference.dim() >= 2 and reference.shape[:2] == mask.shape else None

@@ -415,7 +415,10 @@ class _AdditiveWatch(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = _name(func)
-        if name in _ADDITIVE:
+        on_path = any(isinstance(t, torch.Tensor) and t.requires_grad for t in (out if isinstance(out, (tuple, list)) else (out,)))
+        if not on_path and name not in _DERIVING:
+            pass  # off the relevance path (e.g. a dt bias: the SSM rule detaches the coefficients)
+        elif name in _ADDITIVE:
             for a in list(args) + list(kwargs.values()):
                 self._mark(a)
         elif name in _BIAS_ARGUMENT:
@@ -445,8 +448,11 @@ def floating_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 @contextlib.contextmanager
 def additive_uses(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     """Inside, watch the forward: the yielded dict fills with every floating parameter or buffer
-    of ``model`` that is added into a result (``+``, ``-``, concatenation, the bias argument of
-    linear maps, convolutions and norms), directly or through views and casts."""
+    of ``model`` that is added into a result on the relevance path (``+``, ``-``, concatenation,
+    the bias argument of linear maps, convolutions and norms), directly or through views and
+    casts. Run the forward with the input requiring grad (and the parameters not): an addition
+    whose result requires grad lies on the relevance path; one on the coefficient path (a ``dt``
+    bias, which the SSM rule detaches) does not, and is left alone."""
     tensors = floating_tensors(model)
     watch = _AdditiveWatch({id(t): n for n, t in tensors.items()})
     found: dict[str, torch.Tensor] = {}

@@ -24,7 +24,6 @@ tensors are swapped for zeros in their module slots and the very same objects pu
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import weakref
 from dataclasses import dataclass, field
@@ -299,6 +298,10 @@ def _message(v: Verification, problems: list[str]) -> str:
 # The measurements
 
 
+COMPARED_POSITIONS = 16
+"""Positions at the end of a long probe whose outputs are compared, for models that accept
+``logits_to_keep`` (the others: all positions)."""
+
 MASKED_PROBE_TOKENS = 32
 """Length of the extra two-row probe (one row left-padded) that checks the padding path."""
 
@@ -410,18 +413,23 @@ def _measure(
     # 1. The same function, on every probe batch; additive tensors found on the way.
     tol = tolerance(compute_dtype(model))
     difference, scale, mismatches, reference_error = 0.0, 0.0, [], ""
-    additive: dict[str, torch.Tensor] = {}  # found while the first patched forward runs
     for k, (probe_ids, probe_mask) in enumerate(batches):
+        # Causal models pass every mismatch on to the last positions: where the model can compute
+        # its head for the last positions only, compare those (a long probe's full logits cost).
+        keep = None if probe_mask is not None else max(0, probe_ids.shape[1] - COMPARED_POSITIONS)
         try:
             with torch.no_grad():
-                reference = output_tensor(call_model(model, probe_ids, probe_mask, None)[0])
+                reference = output_tensor(call_model(model, probe_ids, probe_mask, keep)[0])
         except Exception as err:  # noqa: BLE001 - reported: the comparison is impossible, not wrong
             reference_error = f"{type(err).__name__}: {err}"
             reference = None
-        watch = additive_uses(model) if k == 0 else contextlib.nullcontext({})
-        with torch.no_grad(), lrp(model, MAMBALRP, patch_plan=patched), watch as found:
-            under_rules = output_tensor(call_model(model, probe_ids, probe_mask, None)[0])
-        additive.update(found)
+        if k == 0:  # with the input requiring grad: the additions on the relevance path are found
+            with lrp(model, MAMBALRP, patch_plan=patched), capture_embedding(input_module), autograd_enabled():
+                with additive_uses(model) as additive:
+                    under_rules = output_tensor(call_model(model, probe_ids, probe_mask, keep)[0]).detach()
+        else:
+            with torch.no_grad(), lrp(model, MAMBALRP, patch_plan=patched):
+                under_rules = output_tensor(call_model(model, probe_ids, probe_mask, keep)[0])
         if reference is None:
             difference = float("inf")
             continue
@@ -434,7 +442,7 @@ def _measure(
         difference = max(difference, diff)
         if not diff <= tol * max(scale, 1e-6) and not mismatches:  # name the modules (one more forward)
             with torch.no_grad(), _CallRecorder(patched) as recorder:
-                call_model(model, probe_ids, probe_mask, None)
+                call_model(model, probe_ids, probe_mask, keep)
             mismatches = _localise(recorder.calls, tol)
             recorder.calls.clear()
 
@@ -443,7 +451,7 @@ def _measure(
     blocks = residual_blocks(model, patched)
     with zeroed(model, additive.values()), lrp(model, exact, patch_plan=patched), capture_embedding(input_module) as captured:
         with autograd_enabled(), attributing(model), BlockProbe(model, blocks) as probe_blocks:
-            out = output_tensor(call_model(model, ids, None, None)[0])
+            out = output_tensor(call_model(model, ids, None, ids.shape[1] - 1 if not input_layer else None)[0])
         with autograd_enabled():
             if out.dim() == 3:
                 out = out[:, -1]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import mambalrp
+from tests_support import SquashedHead
 from mambalrp.testing import tiny_mamba, tiny_mamba2
 
 FAMILIES = {
@@ -57,33 +57,8 @@ def test_flags_the_norm_without_ln_rule(ids):
     assert {"backbone.layers.0.norm", "backbone.norm_f", "backbone.layers.0.mixer"} <= modules
 
 
-class _Squash(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.proj = nn.Linear(d, d, bias=False)
-
-    def forward(self, x):
-        return torch.tanh(self.proj(x))
-
-
-class _WithCustomHead(nn.Module):
-    """A Mamba backbone followed by an unsupported non-linearity."""
-
-    def __init__(self):
-        super().__init__()
-        self.inner = FAMILIES["mamba"](0, zero_biases=True)
-        self.squash = _Squash(16)
-
-    def get_input_embeddings(self):
-        return self.inner.get_input_embeddings()
-
-    def forward(self, input_ids, **kwargs):
-        hidden = self.inner.backbone(input_ids, **kwargs).last_hidden_state
-        return self.inner.lm_head(self.squash(hidden))
-
-
 def test_flags_a_custom_nonlinearity(ids):
-    report = mambalrp.check_rules(_WithCustomHead(), ids)
+    report = mambalrp.check_rules(SquashedHead(), ids)
     assert not report.ok
     assert [(u.op, u.module) for u in report.uncovered] == [("TanhBackward0", "squash")]
     # The blocks themselves still conserve; the leak is in the head.
@@ -104,3 +79,33 @@ def test_explicit_blocks_and_errors(ids):
     assert report.blocks[0].relative_error < 1e-5
     with pytest.raises(ValueError, match="no module"):
         mambalrp.check_rules(model, ids, blocks=["nope"])
+
+
+def test_a_trained_model_with_biases_is_ok_and_its_bias_share_is_reported():
+    """Biases absorb relevance by design: reported as absorbed, not as a problem."""
+    from mambalrp.models.zoo import available_models, load_model
+
+    if "sst-mamba1" not in available_models():
+        pytest.skip("zoo model not shipped")
+    model, tok = load_model("sst-mamba1")
+    ids = torch.tensor([tok.encode("an honest, moving and beautifully acted film").ids])
+    report = mambalrp.check_rules(model, ids)
+    assert report.ok, str(report)
+    assert "PROBLEMS" not in str(report) and "absorbed by biases" in str(report)
+    assert report.absorbed.abs().max().item() > 1e-3  # the biases do take a share
+    torch.testing.assert_close(report.logit, report.input_relevance + report.absorbed, rtol=1e-4, atol=1e-5)
+    exp = mambalrp.explain(model, ids)
+    torch.testing.assert_close(exp.conservation_delta, report.absorbed, rtol=1e-4, atol=1e-5)
+
+
+def test_a_score_near_zero_is_not_a_division_by_zero(ids):
+    """A logit difference of a logit with itself: the score and every relevance are zero; the
+    reported error is 0, not inf or nan (no division by the score alone)."""
+    model = FAMILIES["mamba"](0, zero_biases=True)
+    report = mambalrp.check_rules(model, ids, target=lambda lg: lg[:, 3] - lg[:, 3])
+    assert report.logit.abs().max().item() == 0.0
+    assert report.total_relative_error == 0.0 and report.ok, str(report)
+    # A tiny score with relevance of normal size around it: judged against that size.
+    from mambalrp.conservation import relative_gap
+
+    assert relative_gap(torch.tensor([1e-9]), torch.tensor([1e-9 + 1e-12]), torch.tensor([2.0])) < 1e-11

@@ -210,7 +210,6 @@ def test_reference_mixers_match_transformers(kernel):
     """The loop-based standard mixers compute what transformers' mixers compute."""
     transformers = pytest.importorskip("transformers")
     from transformers.models.mamba.modeling_mamba import MambaMixer
-    from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 
     x = torch.randn(2, 7, 12, generator=torch.Generator().manual_seed(1))
     mine, _, _ = build(one_layer(standard("hf1", kernel=kernel), d_model=12))

@@ -24,22 +24,13 @@ from torch import nn
 
 import mambalrp
 from mambalrp.testing import tiny_mamba, tiny_mamba2
+from tests_support import SquashedHead, loop_selective_scan
 
 IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
 
 
 # ---------------------------------------------------------------------------------------------
 # A bidirectional look-alike under mamba_ssm's attribute names
-
-
-def _scan(x, dt, A, B, C, D):
-    """Loop reference: x, dt (b, d, T); A (d, n); B, C (b, n, T)."""
-    h = x.new_zeros(x.shape[0], x.shape[1], A.shape[1])
-    ys = []
-    for t in range(x.shape[-1]):
-        h = torch.exp(dt[:, :, t, None] * A) * h + dt[:, :, t, None] * B[:, None, :, t] * x[:, :, t, None]
-        ys.append((h * C[:, None, :, t]).sum(-1) + D * x[:, :, t])
-    return torch.stack(ys, -1)
 
 
 class BiMambaShared(nn.Module):
@@ -64,7 +55,7 @@ class BiMambaShared(nn.Module):
         x = F.silu(self.conv1d(x)[..., :T])
         dt, B, C = torch.split(self.x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(self.dt_proj(dt)).transpose(1, 2)
-        return _scan(x, dt, -torch.exp(self.A_log), B.transpose(1, 2), C.transpose(1, 2), self.D)
+        return loop_selective_scan(x, dt, -torch.exp(self.A_log), B.transpose(1, 2), C.transpose(1, 2), self.D)
 
     def forward(self, hidden_states, inference_params=None):
         x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)
@@ -150,28 +141,8 @@ def test_a_hook_the_adapter_bypasses_is_a_verified_mismatch():
     assert not exp.verified
 
 
-class _Squash(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.proj = nn.Linear(d, d, bias=False)
-
-    def forward(self, x):
-        return torch.tanh(self.proj(x))
-
-
-class _SquashedHead(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.inner = tiny_mamba(0)
-        self.squash = _Squash(16)
-
-    def forward(self, input_ids, **kwargs):
-        hidden = self.inner.backbone(input_ids, **kwargs).last_hidden_state
-        return self.inner.lm_head(self.squash(hidden))
-
-
 def test_a_leak_through_an_unruled_module_is_refused_and_named():
-    model = _SquashedHead().eval()
+    model = SquashedHead(zero_biases=False).eval()
     before = snapshot(model)
     with pytest.raises(mambalrp.VerificationError) as info:
         mambalrp.explain(model, IDS)
@@ -276,7 +247,7 @@ def test_verify_reports_without_raising():
     good = mambalrp.verify(tiny_mamba2(0))
     assert good.ok and good.forward_difference <= 1e-5 * good.forward_scale and good.leak <= 1e-5
     assert "OK" in str(good) and good.zeroed  # conv and dt biases were found additive
-    bad = mambalrp.verify(_SquashedHead().eval())
+    bad = mambalrp.verify(SquashedHead(zero_biases=False).eval())
     assert not bad.ok and bad.forward_ok and bad.leak > 1e-2 and "FAILED" in str(bad)
 
 

@@ -13,19 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import mambalrp
-from tests_support import assert_same_state_simple
+from tests_support import assert_same_state_simple, loop_selective_scan
 
 D_MODEL, D_INNER, D_STATE, RANK, KERNEL = 16, 32, 4, 2, 4
-
-
-def _scan(x, dt, A, B, C, D):
-    """Loop reference: x, dt (b, d, T); A (d, n); B, C (b, n, T)."""
-    h = x.new_zeros(x.shape[0], x.shape[1], A.shape[1])
-    ys = []
-    for t in range(x.shape[-1]):
-        h = torch.exp(dt[:, :, t, None] * A) * h + dt[:, :, t, None] * B[:, None, :, t] * x[:, :, t, None]
-        ys.append((h * C[:, None, :, t]).sum(-1) + D * x[:, :, t])
-    return torch.stack(ys, -1)
 
 
 class BiMixer(nn.Module):
@@ -49,7 +39,7 @@ class BiMixer(nn.Module):
         x = F.silu(conv(x)[..., :T])
         dt, B, C = torch.split(x_proj(x.transpose(1, 2)), [RANK, D_STATE, D_STATE], dim=-1)
         dt = F.softplus(dt_proj(dt)).transpose(1, 2)
-        y = _scan(x, dt, -torch.exp(A_log), B.transpose(1, 2), C.transpose(1, 2), D)
+        y = loop_selective_scan(x, dt, -torch.exp(A_log), B.transpose(1, 2), C.transpose(1, 2), D)
         return y * F.silu(z)
 
     def forward(self, hidden_states, inference_params=None):
