@@ -415,22 +415,23 @@ class _AdditiveWatch(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = _name(func)
-        on_path = any(isinstance(t, torch.Tensor) and t.requires_grad for t in (out if isinstance(out, (tuple, list)) else (out,)))
-        if not on_path and name not in _DERIVING:
-            pass  # off the relevance path (e.g. a dt bias: the SSM rule detaches the coefficients)
-        elif name in _ADDITIVE:
-            for a in list(args) + list(kwargs.values()):
-                self._mark(a)
-        elif name in _BIAS_ARGUMENT:
-            position, keyword = _BIAS_ARGUMENT[name]
-            self._mark(args[position] if len(args) > position else kwargs.get(keyword))
-        elif name in _DERIVING and args:
-            origin = self._origin(args[0])
+        outputs = out if isinstance(out, (tuple, list)) else (out,)
+        if name in _DERIVING:
+            origin = self._origin(args[0]) if args else None
             if origin is not None:
-                for t in out if isinstance(out, (tuple, list)) else (out,):
+                for t in outputs:
                     if isinstance(t, torch.Tensor):
                         self.tracked[id(t)] = origin
                         self.keep.append(t)
+        elif any(isinstance(t, torch.Tensor) and t.requires_grad for t in outputs):
+            # On the relevance path only: an addition to a detached coefficient (a dt bias, which
+            # the SSM rule holds constant) absorbs no relevance.
+            if name in _ADDITIVE:
+                for a in list(args) + list(kwargs.values()):
+                    self._mark(a)
+            elif name in _BIAS_ARGUMENT:
+                position, keyword = _BIAS_ARGUMENT[name]
+                self._mark(args[position] if len(args) > position else kwargs.get(keyword))
         return out
 
 

@@ -45,8 +45,16 @@ from mambalrp.conservation import (
     zeroed,
 )
 from mambalrp.context import HOWTO, LRPContext, forget_plan, lrp, planned
-from mambalrp.errors import MambaLRPError
-from mambalrp.inputs import accepts_mask, call_model, capture_embedding, check_model, input_embedding, output_tensor
+from mambalrp.errors import InputError, MambaLRPError
+from mambalrp.inputs import (
+    accepts_mask,
+    call_model,
+    capture_embedding,
+    check_model,
+    input_embedding,
+    output_tensor,
+    resolve_inputs,
+)
 from mambalrp.rules import MAMBALRP, RuleSet
 from mambalrp.state import autograd_enabled, exclusive, frozen
 
@@ -525,9 +533,6 @@ def verify(
         UnsupportedModelError: No adapter matches the model (nothing to verify).
         InputError: ``input_layer`` is given without ``inputs``.
     """
-    from mambalrp.errors import InputError
-    from mambalrp.inputs import resolve_inputs
-
     check_model(model)
     with exclusive(model), torch.inference_mode(False):
         if input_layer is not None:
