@@ -1,4 +1,5 @@
-"""Hybrid models from transformers: Jamba, Bamba, NemotronH, Zamba2, GraniteMoeHybrid.
+"""Hybrid models from transformers: Jamba, Bamba, NemotronH, Zamba, Zamba2, GraniteMoeHybrid, Falcon-H1
+(the tiny, 0.5B and 7B config shapes).
 
 Per family: the forward under lrp() equals the original (<= 1e-5 of the logit scale, float32), the model is restored
 exactly, every operation on the relevance path is covered by a rule, and relevance is conserved
@@ -52,7 +53,7 @@ def test_every_layer_kind_is_matched(hybrid):
     family, model = hybrid
     names = {adapter.name for _, _, adapter in mambalrp.context.plan(model, mambalrp.MAMBALRP)}
     assert names & {"hf-attention", "hf-attention-inline"}  # inline: Jamba on transformers 4.x
-    assert names & {"hf-mamba-mixer", "hf-mamba2-mixer"}
+    assert names & {"hf-mamba-mixer", "hf-mamba2-mixer", "zamba-mamba-mixer"}
     assert "rmsnorm" in names
 
 
@@ -119,3 +120,81 @@ def test_the_fingerprint_is_stable_so_the_verdict_is_reused(hybrid):
     mambalrp.explain(model, IDS, rules=CP)
     model.eval()
     assert fingerprint(model) == stamp
+
+
+@pytest.mark.skipif("falcon_h1_7b" not in HYBRIDS, reason="Falcon-H1 arrives in transformers 4.57")
+def test_falcon_h1_shapes_carry_their_published_flags():
+    """The three Falcon-H1 models are the shapes they are named after: these are the flags that
+    change the computation, so each test above runs on each of them."""
+    tiny, small, large = (make(f) for f in ("falcon_h1_tiny", "falcon_h1_0_5b", "falcon_h1_7b"))
+    for model in (tiny, small):
+        mixer = model.model.layers[0].mamba
+        assert mixer.mamba_rms_norm is False and isinstance(mixer.norm, torch.nn.Identity)
+    mixer = large.model.layers[0].mamba
+    assert mixer.mamba_rms_norm is True and mixer.norm.n_groups == 2 and mixer.n_groups == 2
+    assert mixer.norm.norm_before_gate is False
+    # The 0.5B and 7B shapes: attention narrower than the model, Mamba width set by mamba_d_ssm.
+    for model, width in ((small, 24), (large, 32)):
+        assert model.model.layers[0].self_attn.o_proj.in_features == 8 < model.config.hidden_size
+        assert model.model.layers[0].mamba.intermediate_size == width
+        assert len(set(model.model.layers[0].mamba.mup_vector.flatten().tolist())) > 1
+        assert model.config.mamba_use_mlp is True
+    # The tiny shape switches every bias on.
+    layer = tiny.model.layers[0]
+    assert layer.mamba.in_proj.bias is not None and layer.mamba.out_proj.bias is not None
+    assert layer.self_attn.q_proj.bias is not None and layer.feed_forward.up_proj.bias is not None
+
+
+@pytest.mark.skipif("falcon_h1_tiny" not in HYBRIDS, reason="Falcon-H1 arrives in transformers 4.57")
+def test_falcon_h1_with_its_biases_is_explained_and_they_absorb_relevance():
+    """With the tiny shape's biases non-zero the forward still matches and the explanation is
+    verified; the biases absorb part of the logit (conservation is exact only without them)."""
+    model = make("falcon_h1_tiny", zero_biases=False)
+    with torch.no_grad():
+        ref = model(IDS, use_cache=False).logits
+        with mambalrp.lrp(model):
+            patched = model(IDS, use_cache=False).logits
+    assert (patched - ref).abs().max().item() <= _forward_tolerance(ref)
+    report = mambalrp.check_rules(model, IDS, rules=CP)
+    assert report.ok and report.absorbed.abs().min().item() > 0, str(report)
+
+
+def test_zamba_mixer_is_the_zamba_adapter_and_refused_without_it():
+    """Zamba's multi-head mixer (3-D A_log) is run by its own adapter; without it the mixer is
+    refused as an unmatched sequence mixer, not explained as a Mamba-1 mixer."""
+    model = make("zamba", zero_biases=True)
+    adapters = {name: adapter.name for name, _, adapter in mambalrp.context.plan(model, mambalrp.MAMBALRP)}
+    assert adapters["model.layers.0.mamba"] == "zamba-mamba-mixer"
+    assert adapters["model.layers.1.shared_transf.self_attn"] == "hf-attention"
+    assert adapters["model.layers.1.shared_transf.feed_forward"] == "gated-mlp"
+    from mambalrp.adapters import ZambaMambaMixerAdapter
+
+    mambalrp.unregister_adapter("zamba-mamba-mixer")
+    try:
+        with pytest.raises(mambalrp.UnsupportedModelError, match=r"'model\.layers\.0\.mamba'.*A_log"):
+            mambalrp.explain(model, IDS)
+    finally:
+        mambalrp.register_adapter(ZambaMambaMixerAdapter())
+
+
+def test_zamba_lookalike_with_split_halves_is_not_explained():
+    """A Zamba mixer whose in_proj is split in halves instead of interleaved computes another
+    function: verification names the mixer."""
+    model = make("zamba", zero_biases=True)
+    mixer_cls = type(model.model.layers[0].mamba)
+
+    class Halves(mixer_cls):
+        def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+            w = self.in_proj.weight
+            order = torch.cat([torch.arange(0, w.shape[0], 2), torch.arange(1, w.shape[0], 2)])
+            inverse = torch.argsort(order)
+            saved = self.in_proj.weight
+            self.in_proj._parameters["weight"] = torch.nn.Parameter(w[inverse], requires_grad=False)
+            try:
+                return super().forward(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
+            finally:
+                self.in_proj._parameters["weight"] = saved
+
+    model.model.layers[0].mamba.__class__ = Halves
+    with pytest.raises(mambalrp.VerificationError, match=r"different function.*'model\.layers\.0\.mamba'"):
+        mambalrp.explain(model, IDS, rules=CP)

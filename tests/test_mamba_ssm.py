@@ -47,7 +47,7 @@ if importlib.util.find_spec("mamba_ssm") is None:
 
 
 _HF_FAMILIES_WITH_MAMBA_SSM_PATHS = (
-    "mamba", "falcon_mamba", "mamba2", "jamba", "bamba", "nemotron_h", "zamba2", "granitemoehybrid", "falcon_h1",
+    "mamba", "falcon_mamba", "mamba2", "jamba", "bamba", "nemotron_h", "zamba", "zamba2", "granitemoehybrid", "falcon_h1",
 )
 
 

@@ -7,6 +7,7 @@ Built-in adapters, registered at import:
     * :class:`~mambalrp.adapters.mamba_ssm_mamba2.MambaSSMMamba2Adapter`: mamba_ssm Mamba-2 mixers,
       and the layers around them in ``mamba_ssm_model`` (Block, MixerModel, GatedMLP, MHA).
     * :class:`~mambalrp.adapters.vim.VimBiMambaAdapter`: Vision Mamba bidirectional mixers.
+    * :class:`~mambalrp.adapters.zamba.ZambaMambaMixerAdapter`: Zamba (v1) multi-head Mamba-1 mixers.
     * :class:`~mambalrp.adapters.hf_attention.HFAttentionAdapter`: attention layers of hybrids;
       :class:`~mambalrp.adapters.inline_attention.InlineAttentionAdapter`: attention computed
       inline (Jamba on transformers 4.x).
@@ -49,6 +50,7 @@ from mambalrp.adapters.moe import ExpertsAdapter
 from mambalrp.adapters.moe_parallel import ParallelExpertsAdapter
 from mambalrp.adapters.moe_router import RouterExpertListAdapter
 from mambalrp.adapters.vim import VimBiMambaAdapter
+from mambalrp.adapters.zamba import ZambaMambaMixerAdapter
 from mambalrp.adapters.norms import LinearAdapter, RMSNormAdapter
 from mambalrp.adapters.registry import (
     find_adapter,
@@ -79,6 +81,7 @@ _BUILTIN = (
     MambaSSMGatedMLPAdapter(),
     MambaSSMAttentionAdapter(),
     VimBiMambaAdapter(),
+    ZambaMambaMixerAdapter(),
 )
 for _adapter in _BUILTIN:
     register_adapter(_adapter)
@@ -104,6 +107,7 @@ __all__ = [
     "RMSNormAdapter",
     "RouterExpertListAdapter",
     "VimBiMambaAdapter",
+    "ZambaMambaMixerAdapter",
     "activation_problem",
     "conv_problem",
     "direction_problem",
