@@ -158,6 +158,12 @@ class RuleSet:
         fn = ops.rmsnorm_lrp if self.norm else ops.rmsnorm
         return fn(x, weight, eps, group_size)
 
+    def layer_norm(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float):
+        """LayerNorm over the last dimension, ``(x - mean(x)) / std(x) * weight + bias``: the
+        LN-rule holds ``1 / std(x)`` constant (see :func:`mambalrp.functional.layer_norm_lrp`)."""
+        fn = ops.layer_norm_lrp if self.norm else ops.layer_norm
+        return fn(x, weight, bias, eps)
+
     def gated_rmsnorm(self, x, z, weight, eps: float, group_size: int | None = None, norm_before_gate: bool = False):
         """Mamba-2's gated RMSNorm ``norm(x * silu(z))`` (or ``norm(x) * silu(z)``)."""
         return ops.gated_rmsnorm(
@@ -181,17 +187,28 @@ class RuleSet:
         """``F.linear`` with the linear rule."""
         return self._linear(x, weight, bias, "linear")
 
-    def conv1d(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """Depthwise causal conv1d ``(b, d, T)`` with the linear rule."""
-        return self._linear(x, weight, bias, "conv")
+    def conv1d(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: ops.ConvPadding = "causal"
+    ) -> torch.Tensor:
+        """Depthwise conv1d ``(b, d, T)`` with the linear rule.
 
-    def _linear(self, x, weight, bias, op) -> torch.Tensor:
+        Args:
+            x: Input ``(b, d, T)``.
+            weight: ``(d, 1, k)`` or ``(d, k)``.
+            bias: ``(d,)`` or ``None`` (it absorbs relevance).
+            padding: ``"causal"`` (Mamba's conv: ``k - 1`` zeros before), ``"same"`` (as
+                ``nn.Conv1d(padding="same")``) or ``(left, right)`` zeros (see
+                :func:`mambalrp.functional.depthwise_conv1d`).
+        """
+        return self._linear(x, weight, bias, "conv", padding)
+
+    def _linear(self, x, weight, bias, op, padding: ops.ConvPadding = "causal") -> torch.Tensor:
         rule = self.linear
         if isinstance(rule, Epsilon):
-            return ops.epsilon_linear(x, weight, bias, rule.epsilon, op)
+            return ops.epsilon_linear(x, weight, bias, rule.epsilon, op, padding)
         if isinstance(rule, Gamma):
-            return ops.gamma_linear(x, weight, bias, rule.gamma, op)
-        return F.linear(x, weight, bias) if op == "linear" else ops.causal_conv1d(x, weight, bias)
+            return ops.gamma_linear(x, weight, bias, rule.gamma, op, padding)
+        return F.linear(x, weight, bias) if op == "linear" else ops.depthwise_conv1d(x, weight, bias, padding)
 
 
 MAMBALRP = RuleSet()

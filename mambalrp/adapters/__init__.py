@@ -17,7 +17,8 @@ Built-in adapters, registered at import:
       :class:`~mambalrp.adapters.moe_parallel.ParallelExpertsAdapter`: the MoE blocks of Jamba and
       GraniteMoeHybrid in older transformers releases;
       :class:`~mambalrp.adapters.activations.ActivationAdapter`: activations outside mixers.
-    * :class:`~mambalrp.adapters.norms.RMSNormAdapter`: RMSNorms.
+    * :class:`~mambalrp.adapters.norms.RMSNormAdapter`: RMSNorms;
+      :class:`~mambalrp.adapters.norms.LayerNormAdapter`: ``torch.nn.LayerNorm``.
     * :class:`~mambalrp.adapters.norms.LinearAdapter`: ``nn.Linear`` (epsilon / gamma rules only).
 
 See ``docs/adapters.md`` for writing and registering a new one.
@@ -51,7 +52,7 @@ from mambalrp.adapters.moe_parallel import ParallelExpertsAdapter
 from mambalrp.adapters.moe_router import RouterExpertListAdapter
 from mambalrp.adapters.vim import VimBiMambaAdapter
 from mambalrp.adapters.zamba import ZambaMambaMixerAdapter
-from mambalrp.adapters.norms import LinearAdapter, RMSNormAdapter
+from mambalrp.adapters.norms import LayerNormAdapter, LinearAdapter, RMSNormAdapter
 from mambalrp.adapters.registry import (
     find_adapter,
     match_adapter,
@@ -65,6 +66,7 @@ _BUILTIN = (
     LinearAdapter(),
     ActivationAdapter(),
     RMSNormAdapter(),
+    LayerNormAdapter(),
     GatedMLPAdapter(),
     FusedGatedMLPAdapter(),
     ExpertsAdapter(),
@@ -96,6 +98,7 @@ __all__ = [
     "HFMamba2MixerAdapter",
     "HFMambaMixerAdapter",
     "InlineAttentionAdapter",
+    "LayerNormAdapter",
     "LinearAdapter",
     "MambaSSMAttentionAdapter",
     "MambaSSMBackboneAdapter",

@@ -4,8 +4,8 @@
 With ``fused_add_norm`` the residual addition and the norm run in one Triton kernel and never
 call the norm module, so the adapters re-implement :class:`Block` and :class:`MixerModel` from
 their weights (add, then the norm with the LN-rule, ``residual_in_fp32`` casts kept), the same way
-whether the flag is on or off. Norms are RMSNorm (``rms_norm=True``) or LayerNorm, which is the
-RMSNorm of the centred input (the centring is linear).
+whether the flag is on or off. Norms are RMSNorm (``rms_norm=True``) or LayerNorm
+(:meth:`mambalrp.RuleSet.layer_norm`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ def norm_lrp(R: RuleSet, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     weight, bias = norm.weight, getattr(norm, "bias", None)
     eps = float(norm.eps)
     if isinstance(norm, nn.LayerNorm):
-        x32 = x.float()
-        x = x32 - x32.mean(-1, keepdim=True)
+        out = R.layer_norm(x.float(), weight.float(), None if bias is None else bias.float(), eps)
+        return out.to(weight.dtype)
     out = R.rmsnorm(x.float(), weight.float(), eps)
     if bias is not None:
         out = out + bias.float()

@@ -1,4 +1,5 @@
-"""RMSNorm modules (transformers' ``MambaRMSNorm`` / ``Mamba2RMSNorm`` and look-alikes)."""
+"""RMSNorm modules (transformers' ``MambaRMSNorm`` / ``Mamba2RMSNorm`` and look-alikes) and
+``torch.nn.LayerNorm``."""
 
 from __future__ import annotations
 
@@ -46,6 +47,28 @@ class RMSNormAdapter(Adapter):
         if weight is None:  # torch.nn.RMSNorm(elementwise_affine=False): a weight of ones is exact
             weight = torch.ones(hidden_states.shape[-1], dtype=hidden_states.dtype, device=hidden_states.device)
         return ctx.rules.rmsnorm(hidden_states, weight, eps)
+
+
+class LayerNormAdapter(Adapter):
+    """``torch.nn.LayerNorm`` over the last dimension with the LN-rule (``1 / std`` constant,
+    the centring linear; see :meth:`mambalrp.RuleSet.layer_norm`). With or without weight and
+    bias; the bias absorbs relevance."""
+
+    name = "layernorm"
+    family = "LayerNorm"
+    role = "norm"
+    uses = ("weight", "bias")
+
+    def matches(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.LayerNorm)
+
+    def refuse(self, module: nn.Module) -> str | None:
+        if len(module.normalized_shape) != 1:
+            return f"it normalises over {len(module.normalized_shape)} dimensions, not the last one"
+        return super().refuse(module)
+
+    def forward(self, module: nn.Module, ctx: LRPContext, x: torch.Tensor, *args: Any, **kwargs: Any):
+        return ctx.rules.layer_norm(x, module.weight, module.bias, module.eps)
 
 
 def _eps(module: nn.Module) -> float | None:

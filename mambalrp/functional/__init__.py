@@ -24,18 +24,25 @@ from mambalrp.functional.attention import (
 )
 from mambalrp.functional.gate import HalfGateFn, half_gate, half_gate_ref
 from mambalrp.functional.linear import (
+    ConvPadding,
     EpsilonLinearFn,
     GammaLinearFn,
     causal_conv1d,
+    conv_padding,
+    depthwise_conv1d,
     epsilon_linear,
     epsilon_linear_ref,
     gamma_linear,
     gamma_linear_ref,
 )
 from mambalrp.functional.norm import (
+    LayerNormLRPFn,
     RMSNormLRPFn,
     gated_rmsnorm,
     gated_rmsnorm_ref,
+    layer_norm,
+    layer_norm_lrp,
+    layer_norm_lrp_ref,
     rmsnorm,
     rmsnorm_lrp,
     rmsnorm_lrp_ref,
@@ -50,10 +57,12 @@ from mambalrp.functional.silu import SiLUIdentityFn, silu_identity, silu_identit
 from mambalrp.functional.ssd import SSDScanLRPFn, ssd_scan, ssd_scan_lrp, ssd_scan_ref
 
 __all__ = [
+    "ConvPadding",
     "EpsilonLinearFn",
     "GammaLinearFn",
     "HalfGateFn",
     "IdentityRuleFn",
+    "LayerNormLRPFn",
     "RMSNormLRPFn",
     "SSDScanLRPFn",
     "SelectiveScanLRPFn",
@@ -62,6 +71,8 @@ __all__ = [
     "UniformMatmulFn",
     "attention",
     "causal_conv1d",
+    "conv_padding",
+    "depthwise_conv1d",
     "epsilon_linear",
     "epsilon_linear_ref",
     "gamma_linear",
@@ -72,6 +83,9 @@ __all__ = [
     "half_gate_ref",
     "identity_rule",
     "identity_rule_ref",
+    "layer_norm",
+    "layer_norm_lrp",
+    "layer_norm_lrp_ref",
     "rmsnorm",
     "rmsnorm_lrp",
     "rmsnorm_lrp_ref",

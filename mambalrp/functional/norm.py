@@ -1,4 +1,5 @@
-"""RMSNorm with the LN-rule: the normaliser ``1 / rms(x)`` is treated as a constant.
+"""RMSNorm and LayerNorm with the LN-rule: the normaliser ``1 / rms(x)`` (``1 / std(x)``) is
+treated as a constant; LayerNorm's centring ``x - mean(x)`` is linear and stays as it is.
 
 Also covers Mamba-2's grouped, gated RMSNorm ``norm(x * silu(z))`` (or ``norm(x) * silu(z)`` when
 the norm comes before the gate): the gate uses the half rule, SiLU the identity rule, and the
@@ -127,3 +128,87 @@ def gated_rmsnorm_ref(
     if norm_before_gate:
         return half_gate_ref(rmsnorm_lrp_ref(x, weight, eps, group_size).float(), act).to(x.dtype)
     return rmsnorm_lrp_ref(half_gate_ref(x.float(), act), weight, eps, group_size).to(x.dtype)
+
+
+# LayerNorm ---------------------------------------------------------------------------------------
+
+
+def _layer_norm_parts(x32: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The centred input ``x - mean(x)`` and the reciprocal standard deviation (biased variance,
+    as ``torch.nn.functional.layer_norm``), over the last dimension."""
+    centred = x32 - x32.mean(-1, keepdim=True)
+    return centred, torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or float64 if it is float64 (for gradcheck)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _affine(normed: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    if weight is not None:
+        normed = normed * _wide(weight)
+    if bias is not None:
+        normed = normed + _wide(bias)
+    return normed
+
+
+class LayerNormLRPFn(torch.autograd.Function):
+    """Forward: ``(x - mean(x)) / std(x) * weight + bias``. Backward (LN-rule): ``1 / std(x)`` is
+    constant, the centring is the linear map it is: ``dx = u - mean(u)`` with
+    ``u = g * weight / std(x)``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float):
+        centred, rstd = _layer_norm_parts(_wide(x), eps)
+        ctx.save_for_backward(weight, rstd)
+        ctx.x_dtype = x.dtype
+        return _affine(centred * rstd, weight, bias).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        weight, rstd = ctx.saved_tensors
+        u = _wide(grad_out) if weight is None else _wide(grad_out) * _wide(weight)
+        u = u * rstd
+        dx = (u - u.mean(-1, keepdim=True)).to(ctx.x_dtype)
+        return dx, None, None, None
+
+
+def layer_norm_lrp(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """LayerNorm over the last dimension whose backward follows the LN-rule.
+
+    The normaliser ``1 / std(x)`` is held constant; the centring ``x - mean(x)`` is linear in
+    ``x`` and passes relevance like any linear map (LRP-0), so ``x * dx`` sums to the output's
+    relevance minus what the bias absorbs (``bias * g``). Holding the mean constant too would
+    not conserve: the mean would absorb ``mean(x) * sum(weight * g) / std(x)``. Only ``x``
+    receives a gradient (the weight and bias are constants of the rule).
+
+    Args:
+        x: Input ``(..., d)``.
+        weight: Scale ``(d,)``, or ``None`` (``elementwise_affine=False``).
+        bias: Shift ``(d,)``, or ``None``.
+        eps: Added to the variance.
+
+    Returns:
+        ``torch.nn.functional.layer_norm(x, (d,), weight, bias, eps)``, computed in float32
+        (float64 stays float64) and cast to ``x.dtype``.
+    """
+    return LayerNormLRPFn.apply(x, weight, bias, float(eps))
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Plain LayerNorm with its true gradient (the same forward as :func:`layer_norm_lrp`)."""
+    centred, rstd = _layer_norm_parts(_wide(x), eps)
+    return _affine(centred * rstd, weight, bias).to(x.dtype)
+
+
+def layer_norm_lrp_ref(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """Reference of :func:`layer_norm_lrp`: the normaliser is detached, the centring is not."""
+    centred, rstd = _layer_norm_parts(_wide(x), eps)
+    weight = None if weight is None else weight.detach()
+    bias = None if bias is None else bias.detach()
+    return _affine(centred * rstd.detach(), weight, bias).to(x.dtype)
