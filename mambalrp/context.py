@@ -79,6 +79,9 @@ def plan(model: nn.Module, rules: RuleSet) -> list[tuple[str, nn.Module, object]
         inside a matched mixer are left alone (the mixer's adapter calls them itself), except
         ``nn.Linear`` layers under epsilon / gamma rules.
 
+    Adapters registered for ``model`` or one of its submodules
+    (``register_adapter(adapter, model=...)``) are tried first for that subtree.
+
     Raises:
         UnsupportedModelError: No sequence mixer is matched; a module that looks like a sequence
             mixer (SSM parameters such as ``A_log`` or ``dt_bias``, or a forward that calls a scan)
@@ -86,9 +89,11 @@ def plan(model: nn.Module, rules: RuleSet) -> list[tuple[str, nn.Module, object]
             (a non-causal conv, a second scan direction, parameters it does not use, ...).
     """
     from mambalrp.adapters import match_adapter, supported_families
+    from mambalrp.adapters.registry import adapter_scopes, scoped_for
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    scopes = adapter_scopes(model)  # adapters registered for this model (or its submodules) only
     out: list[tuple[str, nn.Module, object]] = []
     inside_mixer: list[str] = []
     mixers = 0
@@ -96,7 +101,7 @@ def plan(model: nn.Module, rules: RuleSet) -> list[tuple[str, nn.Module, object]
         under = any(name.startswith(p + ".") for p in inside_mixer)
         if under and not rules.patches_linear:
             continue  # a mixer's adapter runs its submodules itself
-        adapter, refusals = match_adapter(module)
+        adapter, refusals = match_adapter(module, scoped_for(scopes, name) if scopes else ())
         role = getattr(adapter, "role", None)
         if role == "linear":
             if rules.patches_linear:
@@ -176,12 +181,14 @@ def first_unmatched(model: nn.Module) -> tuple[str, nn.Module] | None:
     under the plain gradient, which is LRP-0). Returns ``(qualified_name, module)`` or ``None``.
     """
     from mambalrp.adapters import find_adapter
+    from mambalrp.adapters.registry import adapter_scopes, scoped_for
 
+    scopes = adapter_scopes(model)
     matched: list[str] = []
     for name, module in model.named_modules():
         if module is model or any(name.startswith(p + ".") for p in matched):
             continue
-        if find_adapter(module) is not None:
+        if find_adapter(module, scoped_for(scopes, name) if scopes else ()) is not None:
             matched.append(name)
             continue
         if _is_torch_builtin(module) or next(module.parameters(), None) is None:

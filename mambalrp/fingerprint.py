@@ -56,13 +56,14 @@ def fingerprint(model: nn.Module) -> int:
     (numbers, strings and flags by value, e.g. an activation name, a conv's padding or a
     step-size limit; other objects such as a config or a function by identity) and its config's
     attributes; every parameter and buffer (object, version counter, dtype, device, shape, and
-    its first and last values); and the registered adapters. In-place updates (optimiser steps,
+    its first and last values); and the registered adapters (process-wide and those registered
+    for the model or its submodules). In-place updates (optimiser steps,
     ``load_state_dict``, ``copy_``) bump version counters; ``model.to()`` changes dtypes or
     devices; registering an adapter changes the registry. Writes through ``.data`` bypass
     version counters and are seen only where they change a sampled value: after such writes
     call :func:`mambalrp.forget` (or ``verify(model, force=True)``).
     """
-    from mambalrp.adapters.registry import registered_adapters
+    from mambalrp.adapters.registry import adapter_scopes, registered_adapters
 
     parts: list[Any] = []
     configs: dict[int, Any] = {}
@@ -84,6 +85,7 @@ def fingerprint(model: nn.Module) -> int:
     parts.append(tuple(configs.items()))
     parts.append(_sampled_values(list(tensors.values())))
     parts.append(tuple(id(a) for a in registered_adapters()))
+    parts.append(tuple((name, tuple(id(a) for a in adapters)) for name, adapters in adapter_scopes(model)))
     module_hooks = torch.nn.modules.module
     parts.append((tuple(module_hooks._global_forward_hooks), tuple(module_hooks._global_forward_pre_hooks)))
     return hash(tuple(parts))
