@@ -53,6 +53,12 @@ def test_page_runs_and_its_claims_hold(page_namespace, capsys):
     flagged = {(u.op, u.module) for u in leaky.uncovered}
     assert {("SiluBackward0", "layers.0.mixer"), ("SiluBackward0", "layers.1.mixer")} <= flagged
     assert {b.name for b in leaky.leaking_blocks} == {"layers.0", "layers.1"}
+    # Section 8: the instance-scoped adapter explains its model only, conserving.
+    conv_exp = ns["conv_exp"]
+    assert conv_exp.verified and ns["conv_error"] < 1e-4
+    torch.testing.assert_close(conv_exp.relevance.sum(-1), conv_exp.logit, rtol=1e-4, atol=1e-5)
+    assert [a.name for a in mambalrp.registered_adapters(ns["conv_model"])][0] == "short-conv"
+    assert "contains no Mamba layer" in ns["refused_second"]
     # After unregistering, the model is unsupported again.
     mambalrp.unregister_adapter("toy-mixer")
     with pytest.raises(mambalrp.UnsupportedModelError, match="docs/adapters.md"):
