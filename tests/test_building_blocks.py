@@ -84,6 +84,7 @@ def test_nn_layernorm_modules_are_matched():
 # Depthwise conv ---------------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 @pytest.mark.parametrize("kernel", [3, 4])
 def test_depthwise_conv_paddings_equal_torch(kernel):
     b, d, T = 2, 5, 9
