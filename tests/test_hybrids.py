@@ -169,6 +169,16 @@ def test_zamba_mixer_is_the_zamba_adapter_and_refused_without_it():
     assert adapters["model.layers.1.shared_transf.feed_forward"] == "gated-mlp"
     from mambalrp.adapters import ZambaMambaMixerAdapter
 
+    # What the adapter assumes is checked: another activation or a non-causal conv is refused.
+    mixer = model.model.layers[2].mamba
+    mixer.activation = "gelu"
+    with pytest.raises(mambalrp.UnsupportedModelError, match=r"'model\.layers\.2\.mamba'.*activation is 'gelu'"):
+        mambalrp.explain(model, IDS)
+    mixer.activation = "silu"
+    mixer.conv1d.padding = (1,)
+    with pytest.raises(mambalrp.UnsupportedModelError, match=r"'model\.layers\.2\.mamba'.*conv1d is not causal"):
+        mambalrp.explain(model, IDS)
+    mixer.conv1d.padding = (3,)
     mambalrp.unregister_adapter("zamba-mamba-mixer")
     try:
         with pytest.raises(mambalrp.UnsupportedModelError, match=r"'model\.layers\.0\.mamba'.*A_log"):
