@@ -36,6 +36,7 @@ __all__ = [
     "NORMALIZATIONS",
     "color_of",
     "display_token",
+    "generation_rows",
     "html_document",
     "html_fragment",
     "normalize",
@@ -153,6 +154,38 @@ _STYLE = """
 """
 
 
+def generation_rows(
+    tokens: Sequence[str], matrix, prompt_len: int
+) -> tuple[list[list[str]], list[list[float]], list[str]]:
+    """Split a generation's relevance matrix into the rows a heatmap shows.
+
+    Row ``i`` explains generated token ``i``, which saw the prompt and the ``i`` tokens generated
+    before it; cells beyond that are dropped.
+
+    Args:
+        tokens: Prompt and generated tokens (``prompt_len + rows`` strings).
+        matrix: ``(rows, prompt_len + rows)`` relevance (nested lists or an array).
+        prompt_len: Number of prompt tokens.
+
+    Returns:
+        ``(rows, values, labels)`` for :func:`html_document`: the visible tokens of each step,
+        their relevance, and the generated token each row explains.
+
+    Raises:
+        ValueError: The shapes do not fit together.
+    """
+    data = np.asarray(matrix, dtype=np.float64)
+    if data.ndim != 2 or data.shape[1] != prompt_len + data.shape[0] or len(tokens) != data.shape[1]:
+        raise ValueError(
+            f"a generation of {data.shape[0] if data.ndim == 2 else '?'} tokens after a prompt of {prompt_len} needs a "
+            f"(rows, prompt_len + rows) matrix and as many tokens as columns; got {data.shape} and {len(tokens)} tokens"
+        )
+    rows = [list(tokens[: prompt_len + i]) for i in range(data.shape[0])]
+    values = [data[i, : prompt_len + i].tolist() for i in range(data.shape[0])]
+    labels = [str(tokens[prompt_len + i]) for i in range(data.shape[0])]
+    return rows, values, labels
+
+
 def html_fragment(
     rows: Sequence[Sequence[str]],
     values: Sequence[Sequence[float]],
@@ -199,7 +232,7 @@ def html_fragment(
         '<div class="legend">'
         f'<span class="end">{html.escape(lo)}</span><span class="bar" title="blue: against, red: for"></span>'
         f'<span class="end">{html.escape(hi)}</span>'
-        f'<span class="norm">normalisation: <b>{normalization}</b> ({html.escape(_DESCRIPTION[normalization])}); '
+        f'<span class="norm">normalisation: <strong>{normalization}</strong> ({html.escape(_DESCRIPTION[normalization])}); '
         "red: for the output, blue: against; hover a token for its value</span></div>"
     )
     for i, (toks, raw, vals) in enumerate(zip(rows, values, scaled)):
