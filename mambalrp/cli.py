@@ -145,10 +145,9 @@ def _resolve_target(spec: str | None, labels: list[str] | None, tokenizer) -> in
         raise InputError(f"target {spec!r} is not a class of this model (classes: {', '.join(labels)})")
     if spec.isdigit():
         return int(spec)
-    for candidate in (spec, "\u0120" + spec, "\u2581" + spec):  # as spelled, then with a space marker
-        found = _vocabulary_id(tokenizer, candidate)
-        if found is not None:
-            return int(found)
+    found = _vocabulary_id(tokenizer, spec)  # a token as the vocabulary spells it (e.g. "\u0120good")
+    if found is not None:
+        return int(found)
     ids = encode(tokenizer, spec, special_tokens=False) if spec.strip() else []
     if len(ids) == 1:
         return ids[0]
@@ -202,8 +201,9 @@ def _add_explain(parser: argparse.ArgumentParser) -> None:
     _add_common(parser, generation=False)
     parser.add_argument(
         "--target",
-        help="what to explain: a class name or index for classifiers; a token id or a token string for language "
-        "models (default: the highest-scoring class or next token)",
+        help="what to explain: a class name or index for classifiers; for language models a token id, a token as "
+        "the vocabulary spells it, or a text that encodes to one token (mind the leading space: ' good') "
+        "(default: the highest-scoring class or next token)",
     )
     parser.add_argument("--position", type=int, help="language models: the position to explain (default: the last token)")
 

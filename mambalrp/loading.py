@@ -31,6 +31,9 @@ from mambalrp.errors import InputError
 __all__ = ["TASKS", "decode", "encode", "load", "token_strings"]
 
 TASKS = ("causal-lm", "sequence-classification")
+# Files of which a checkpoint needs at least one for its tokenizer (transformers 5 would otherwise
+# build an empty tokenizer from defaults).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model")
 
 
 def load(name_or_path: str, *, task: str | None = None, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
@@ -91,6 +94,8 @@ def _load_checkpoint(path: Path, task: str | None, dtype: torch.dtype) -> tuple[
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
         raise InputError(f"{str(path)!r}: cannot read its config.json ({_first_line(error)})") from error
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(f"{str(path)!r}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)})")
     if task is None:
         archs = getattr(config, "architectures", None) or []
         task = "sequence-classification" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal-lm"
@@ -103,8 +108,6 @@ def _load_checkpoint(path: Path, task: str | None, dtype: torch.dtype) -> tuple[
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise InputError(f"{str(path)!r}: no usable tokenizer ({_first_line(error)})") from error
-    if isinstance(tokenizer, bool) or tokenizer is None:  # pragma: no cover - defensive
-        raise InputError(f"{str(path)!r}: no tokenizer files")
     return model.to(dtype).eval(), tokenizer
 
 

@@ -247,7 +247,8 @@ def html_fragment(
             shown = display_token(str(tok))
             tip = f"{tok!r}: R = {_fmt(float(r))}" + ("" if math.isnan(r) else f" (normalised {float(v):+.3f})")
             cls = "tok masked" if math.isnan(r) else "tok"
-            style = "" if math.isnan(r) else f' style="background:{color_of(float(v))}"'
+            ink = ";color:#fff" if not math.isnan(r) and v < -0.6 else ""
+            style = "" if math.isnan(r) else f' style="background:{color_of(float(v))}{ink}"'
             cells.append(f'<span class="{cls}"{style} title="{html.escape(tip, quote=True)}">{html.escape(shown)}</span>')
             if "\n" in str(tok).replace("\u010a", "\n"):
                 cells.append("<br>")
