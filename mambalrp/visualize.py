@@ -309,6 +309,7 @@ def _colorbar(fig, mappable, ax, normalization: str, scale: float | None, orient
         bar = fig.colorbar(mappable, ax=ax, orientation=orientation, fraction=0.05, pad=0.02)
     if scale is not None and normalization != "none":
         label += f" (max|R| = {scale:.3g})"
+    bar.set_ticks([-1.0, -0.5, 0.0, 0.5, 1.0])
     bar.set_label(label, fontsize="small")
     bar.ax.tick_params(labelsize="small")
     return bar
@@ -342,6 +343,7 @@ def plot_sequence(
         ImportError: matplotlib is not installed.
     """
     Figure = _matplotlib()
+    import matplotlib
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
@@ -357,15 +359,15 @@ def plot_sequence(
     lines = [list(range(i, min(i + wrap, len(shown)))) for i in range(0, max(len(shown), 1), wrap)]
     widths = [max(len(s), 1) + 1.0 for s in shown]  # in character units, one for the gap
     line_width = max((sum(widths[j] for j in line) for line in lines), default=1.0)
-    fontsize = 9.0
-    if ax is None:
-        width = 0.11 * line_width + 0.4
-        if width > 16.0:  # a very long line: a smaller font rather than an unreadable page width
-            fontsize, width = 9.0 * 15.6 / (width - 0.4), 16.0
-        fig = Figure(figsize=(max(2.5, width), 1.25 + 0.32 * len(lines)), layout="constrained")
+    base = float(matplotlib.rcParams["font.size"])
+    if ax is None:  # about 0.6 em a character, a little room around each
+        fig = Figure(figsize=(min(max(2.5, 0.011 * base * line_width + 0.4), 16.0), 1.25 + 0.032 * base * len(lines)), layout="constrained")
         ax = fig.add_subplot()
     else:
         fig = ax.figure
+    # The cells scale with the axes, the text does not: shrink the font until a character fits.
+    unit_pt = ax.get_position().width * fig.get_size_inches()[0] * 72.0 / line_width
+    fontsize = max(3.0, min(base, 0.85 * unit_pt / 0.6))
     cmap = colormaps[_CMAP]
     for row, line in enumerate(lines):
         x = 0.0

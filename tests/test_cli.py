@@ -20,6 +20,7 @@ import torch
 
 import mambalrp
 from checkpoints import save_tiny_gpt2
+from generation_reference import reference_generation
 from mambalrp import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,27 +162,6 @@ def test_runtime_errors_exit_1_with_one_line(run, argv, message):
     status, out, err = run("explain", *argv)
     assert status == 1 and out == ""
     assert err.count("\n") == 1 and err.startswith("mambalrp: error: ") and message in err
-
-
-def reference_generation(model, input_ids, *, max_new_tokens=20, continuation=None, rules="mambalrp", **_):
-    """Greedy generation explained step by step with ``mambalrp.explain`` (the contract's shape)."""
-    ids = torch.as_tensor(input_ids).reshape(-1)
-    steps = len(continuation) if continuation is not None else max_new_tokens
-    width = len(ids) + steps
-    rows, logits, generated = [], [], []
-    for i in range(steps):
-        target = None if continuation is None else int(continuation[i])
-        exp = mambalrp.explain(model, ids[None], target, rules=rules)
-        row = torch.zeros(width)
-        row[: len(ids)] = exp.relevance[0]
-        rows.append(row)
-        logits.append(exp.logit[0])
-        generated.append(int(exp.target[0]))
-        ids = torch.cat([ids, exp.target])
-    return SimpleNamespace(
-        relevance=torch.stack(rows), logit=torch.stack(logits), generated_ids=torch.tensor(generated),
-        rules=rules, verified=True, tokens=None, step_scores=None,
-    )
 
 
 def test_explain_generation_formats(run, monkeypatch, tmp_path):
