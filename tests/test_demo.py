@@ -52,3 +52,15 @@ def test_demo_options():
     assert args.html == "build/demo/generation.html" and args.lm == "lm-mamba1" and args.sentence == []
     args = parser.parse_args(["--model", "sst-mamba2", "--html", "x.html", "--no-color", "--rules", "gradient", "a b ."])
     assert (args.model, args.html, args.no_color, args.rules, args.sentence) == ("sst-mamba2", "x.html", True, "gradient", ["a b ."])
+
+
+def test_demo_generation_with_the_library(tmp_path, capsys):
+    import pytest
+
+    import mambalrp
+
+    if not hasattr(mambalrp, "explain_generation"):
+        pytest.skip("mambalrp.explain_generation is not available")
+    path = demo.run_generation(max_new_tokens=3, html_path=tmp_path / "generation.html")
+    assert path is not None and f"wrote {path}" in capsys.readouterr().out
+    assert (tmp_path / "generation.html").read_text().count("step ") == 3
