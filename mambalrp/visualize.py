@@ -224,8 +224,10 @@ def html_fragment(
     # Legend: the colour bar with its numeric ends and the normalisation used.
     if normalization == "global":
         lo, hi = f"{-scales[0]:+.4g}" if scales else "-1", f"{scales[0]:+.4g}" if scales else "+1"
+    elif normalization == "row" and len(scales) == 1:
+        lo, hi = f"{-scales[0]:+.4g}", f"{scales[0]:+.4g}"
     elif normalization == "row":
-        lo, hi = "\u2212max|R|", "+max|R|"
+        lo, hi = "\u2212max|R|", "+max|R|"  # each row's own, shown in its label
     else:
         lo, hi = "\u22121", "+1"
     out.append(

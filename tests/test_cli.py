@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import mambalrp
-from checkpoints import save_tiny_gpt2
+from checkpoints import WORDS, save_tiny_gpt2, save_tiny_mamba
 from generation_reference import reference_generation
 from mambalrp import cli
 
@@ -132,6 +132,18 @@ def test_explain_language_model_targets(run):
     assert np.asarray(early["position"]).reshape(-1)[0] == 1 and rel[2] == 0.0 and rel[:2].any()
 
 
+def test_explain_checkpoint_directory(run, tmp_path):
+    saved = save_tiny_mamba(tmp_path / "tiny")
+    status, out, _ = run("explain", "--model", str(tmp_path / "tiny"), "--text", "the cat sat on a", "--target", "mat", "--format", "json")
+    assert status == 0
+    data = json.loads(out)
+    ids = [WORDS.index(w) for w in "the cat sat on a".split()]
+    assert np.asarray(data["input_ids"]).reshape(-1).tolist() == ids
+    assert np.asarray(data["target"]).reshape(-1).tolist() == [WORDS.index("mat")]
+    reference = mambalrp.explain(saved, torch.tensor([ids]), WORDS.index("mat"))
+    np.testing.assert_allclose(np.asarray(data["relevance"]).reshape(-1), reference.relevance[0].numpy(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -203,9 +215,7 @@ def mambalrp_command(*argv, cwd: Path, timeout: int = 240) -> subprocess.Complet
     return subprocess.run([sys.executable, "-m", "mambalrp", *argv], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 
 
-def test_subprocess_help_and_explain_json(tmp_path):
-    done = mambalrp_command("--help", cwd=tmp_path)
-    assert done.returncode == 0 and "explain-generation" in done.stdout
+def test_subprocess_explain_json(tmp_path):
     done = mambalrp_command("explain", "--model", "sst-mamba1", "--text", TEXT, "--format", "json", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     rel, logit, delta = relevance_and_logit(json.loads(done.stdout))
@@ -231,10 +241,14 @@ def test_subprocess_errors_are_one_line(tmp_path, case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["explain", "explain-generation", "demo"])
+@pytest.mark.parametrize("command", ["", "explain", "explain-generation", "demo"])
 def test_subprocess_help_of_each_command(tmp_path, command):
-    done = mambalrp_command(command, "--help", cwd=tmp_path)
-    assert done.returncode == 0 and "--rules" in done.stdout and "--quiet" in done.stdout
+    done = mambalrp_command(*([command] if command else []), "--help", cwd=tmp_path)
+    assert done.returncode == 0 and done.stderr == ""
+    if command:
+        assert "--rules" in done.stdout and "--quiet" in done.stdout
+    else:
+        assert "explain-generation" in done.stdout and "exit status" in done.stdout
 
 
 @pytest.mark.skipif(not hasattr(mambalrp, "explain_generation"), reason="mambalrp.explain_generation is not available")

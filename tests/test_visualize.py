@@ -100,7 +100,9 @@ def test_global_and_none_normalisation_and_legend():
     assert colours == ["#ff8080", "#0000ff"]  # as given, clipped at -1
     assert "normalisation: none" in "".join(none.text)
     row = "".join(parse(visualize.html_fragment(ROWS, VALUES)).text)
-    assert "normalisation: row" in row and "max|R| 2" in row
+    assert "normalisation: row" in row and "max|R| 2" in row and "max|R| 0.8" in row
+    single = "".join(parse(visualize.html_fragment([["a", "b"]], [[0.5, -0.25]])).text)
+    assert "-0.5" in single and "+0.5" in single
 
 
 def test_nan_cells_are_grey_and_labelled_masked():
