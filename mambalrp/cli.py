@@ -185,7 +185,9 @@ def _paint_row(tokens: Sequence[str], values: Sequence[float], color: bool) -> s
         hexa = color_of(float(v))
         r, g, b = int(hexa[1:3], 16), int(hexa[3:5], 16), int(hexa[5:7], 16)
         parts.append(f"\033[48;2;{r};{g};{b}m\033[38;2;0;0;0m{shown}\033[0m")
-    return ("" if color else " ").join(parts)
+    # Byte-level BPE tokens carry their spaces; word-level ones need a separator.
+    carries_spaces = any(display_token(t).startswith(" ") for t in tokens)
+    return ("" if color and carries_spaces else " ").join(parts)
 
 
 def _float(x: Any) -> float | None:

@@ -269,3 +269,13 @@ def test_subprocess_explain_generation(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "g.html").read_text().count("step ") == 3
+
+
+def test_terminal_rows():
+    coloured = cli._paint_row(["\u0120good", "\u0120bad", "\u0120film"], [2.0, -1.0, 0.0], color=True)
+    assert "\033[48;2;255;0;0m\033[38;2;0;0;0m good\033[0m" in coloured  # the largest: full red
+    assert "\033[48;2;128;128;255m\033[38;2;0;0;0m bad\033[0m" in coloured  # half of it, against: blue
+    assert "\033[48;2;255;255;255m" in coloured and "\033[0m\033[48" in coloured  # spaces are in the tokens
+    words = cli._paint_row(["good", "film"], [1.0, 0.5], color=True)
+    assert "\033[0m \033[48" in words  # word-level tokens get a separator
+    assert cli._paint_row(["good", "\n"], [1.0, -0.5], color=False) == "good[+1.00] \u21b5[-0.50]"
