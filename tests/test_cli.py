@@ -279,3 +279,17 @@ def test_terminal_rows():
     words = cli._paint_row(["good", "film"], [1.0, 0.5], color=True)
     assert "\033[0m \033[48" in words  # word-level tokens get a separator
     assert cli._paint_row(["good", "\n"], [1.0, -0.5], color=False) == "good[+1.00] \u21b5[-0.50]"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["text", "html", "png"])
+def test_subprocess_explain_formats(tmp_path, fmt):
+    out = {"text": [], "html": ["--out", "x.html"], "png": ["--out", "fig/x.png"]}[fmt]
+    done = mambalrp_command("explain", "--model", "sst-mamba1", "--text", TEXT, "--no-color", *out, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    if fmt == "text":
+        assert done.stdout.startswith("sst-mamba1: explaining class 'positive' (1)") and " witty[" in done.stdout
+    elif fmt == "html":
+        assert (tmp_path / "x.html").read_text().count('class="tok"') == 8 and "wrote x.html" in done.stderr
+    else:
+        assert (tmp_path / "fig" / "x.png").read_bytes().startswith(b"\x89PNG")
