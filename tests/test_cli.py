@@ -176,6 +176,14 @@ def test_runtime_errors_exit_1_with_one_line(run, argv, message):
     assert err.count("\n") == 1 and err.startswith("mambalrp: error: ") and message in err
 
 
+def test_unsupported_model_exits_1_with_one_line(run, tmp_path, capsys):
+    save_tiny_gpt2(tmp_path / "gpt2")
+    capsys.readouterr()  # transformers' progress bars while saving
+    status, out, err = run("explain", "--model", str(tmp_path / "gpt2"), "--text", "the cat")
+    assert status == 1 and out == "" and err.count("\n") == 1
+    assert err.startswith("mambalrp: error: GPT2LMHeadModel contains no Mamba layer that mambalrp recognises.")
+
+
 def test_explain_generation_formats(run, monkeypatch, tmp_path):
     monkeypatch.setattr(mambalrp, "explain_generation", reference_generation, raising=False)
     args = ("explain-generation", "--model", "lm-mamba1", "--text", "the movie is", "--max-new-tokens", "3")
@@ -224,7 +232,12 @@ def test_subprocess_explain_json(tmp_path):
 
 @pytest.mark.parametrize(
     "case",
-    ["bad-path", "unsupported", pytest.param("unknown-name", marks=pytest.mark.slow), pytest.param("empty-text", marks=pytest.mark.slow)],
+    [
+        "bad-path",
+        pytest.param("unsupported", marks=pytest.mark.slow),
+        pytest.param("unknown-name", marks=pytest.mark.slow),
+        pytest.param("empty-text", marks=pytest.mark.slow),
+    ],
 )
 def test_subprocess_errors_are_one_line(tmp_path, case):
     model, text, message = {
