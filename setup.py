@@ -21,6 +21,7 @@ setup(
         "triton": ["triton>=3.0"],
         "zennit": ["zennit>=0.5"],
         "mamba-ssm": ["mamba-ssm>=2.2", "causal-conv1d>=1.4"],
+        "viz": ["matplotlib>=3.7"],
         "bench": ["matplotlib>=3.7", "tokenizers>=0.15", "safetensors>=0.4"],
         "dev": ["pytest>=7", "hypothesis>=6", "transformers>=4.52,<5.25", "triton>=3.0", "matplotlib>=3.7", "nox>=2024.4"],
     },
