@@ -344,10 +344,11 @@ def read_data(path: str | os.PathLike, text_column: str = "text") -> Any:
 
     A ``.txt`` file has one text per line (in ``text_column``). Lines of a ``.txt`` or ``.jsonl``
     file that are not valid UTF-8 are kept as bytes (the row gets an "undecodable" error instead of
-    failing the read); a ``.jsonl`` line that is not JSON becomes such a row too.
+    failing the read).
 
     Raises:
-        InputError: The file does not exist or has another extension.
+        InputError: The file does not exist or has another extension; a ``.jsonl`` line (valid
+            UTF-8) is not JSON.
     """
     import pyarrow as pa
 
@@ -364,13 +365,19 @@ def read_data(path: str | os.PathLike, text_column: str = "text") -> Any:
         return pa.table({text_column: _text_array([_decoded(line.rstrip(b"\r")) for line in lines])})
     if suffix == ".jsonl":
         records: list[dict[str, Any]] = []
-        for line in path.read_bytes().splitlines():
+        for number, line in enumerate(path.read_bytes().splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
-            except ValueError:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:  # the row will carry the error
                 records.append({text_column: line})
+                continue
+            try:
+                record = json.loads(text)
+            except ValueError as err:
+                raise InputError(f"{path.name}, line {number}: not JSON ({err})") from err
+            records.append(record if isinstance(record, dict) else {text_column: record})
         return _from_records(records, text_column)
     if suffix == ".json":
         content = json.loads(path.read_text(encoding="utf-8"))
@@ -486,8 +493,21 @@ def _parts(directory: Path) -> list[Path]:
 
 
 def _read_output(ray: Any, directory: Path | None) -> Any:
-    parts = _parts(directory)
-    return ray.data.read_parquet([str(p) for p in parts], override_num_blocks=len(parts))
+    """A lazy dataset over the shard files, one read per file.
+
+    Ray's ``read_parquet`` would do too, but its path resolution probes fsspec's HTTP file system,
+    whose import can fail half-way in one thread while another uses it (seen without aiohttp).
+    """
+    parts = [str(p) for p in _parts(directory)]
+    paths = ray.data.from_items([{"path": p} for p in parts], override_num_blocks=len(parts))
+    return paths.map_batches(_read_parts, batch_size=1, batch_format="numpy")
+
+
+def _read_parts(batch: dict[str, Any]) -> Any:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pa.concat_tables([pq.read_table(str(p)) for p in batch["path"]])
 
 
 def _manifest(spec: ModelSpec, options: RowOptions, table: Any, shard_size: int) -> dict[str, Any]:

@@ -61,7 +61,8 @@ class RowOptions:
         labels: Class names, index = class id (default: read from the model's config).
         batch_size: Rows per forward / backward pass; rows of similar token counts are batched
             together (left-padded with an attention mask).
-        max_length: Most tokens per row (``None``: no limit).
+        max_length: Most tokens per row (``None``: the tokenizer's own limit, its truncation
+            length or ``model_max_length``, if it has one; else no limit).
         on_error: ``"record"``: a row over ``max_length`` gets an error; ``"truncate"``: it keeps
             its first ``max_length`` tokens and ``truncated_from`` records its length; ``"raise"``:
             the first bad row raises :class:`~mambalrp.errors.InputError`.
@@ -167,15 +168,20 @@ class Tokens:
 
 
 def model_labels(model: nn.Module) -> list[str] | None:
-    """Class names from ``model.config.id2label``, or ``None`` when the model has none."""
+    """Class names from ``model.config.id2label``; ``None`` without them or with the default names.
+
+    Transformers gives every config ``LABEL_0``, ``LABEL_1`` by default, language models too; such
+    names say nothing, and a language model's targets are tokens.
+    """
     config = getattr(model, "config", None)
     id2label = getattr(config, "id2label", None)
     if not isinstance(id2label, dict) or not id2label:
         return None
     try:
-        return [str(id2label[i]) for i in range(len(id2label))]
+        names = [str(id2label[i]) for i in range(len(id2label))]
     except KeyError:
         return None
+    return None if names == [f"LABEL_{i}" for i in range(len(names))] else names
 
 
 @dataclass
@@ -221,7 +227,7 @@ def explain_table(model: nn.Module, tokenizer: Any, table: Any, options: RowOpti
     targets = table.column(column).to_pylist() if column else [options.target] * table.num_rows
     if column is None and isinstance(options.target, str) and _label_id(options.target, labels, tokens) is None:
         raise InputError(f"target {options.target!r} is neither a column of the data nor a label of the model ({labels})")
-    limit = options.max_length
+    limit = options.max_length if options.max_length is not None else tokens.default_max_length
     rows = [
         _prepare(text, tgt, tokens, labels, limit, options.on_error)
         for text, tgt in zip(table.column(options.text_column).to_pylist(), targets)
