@@ -175,7 +175,10 @@ def explain_dataset(
         raise InputError(f"shard_size must be a positive int; got {shard_size!r}")
     shard_size = shard_size or BATCHES_PER_SHARD * batch_size
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+        if address is None:  # a local Ray for this process: no dashboard to start
+            ray.init(include_dashboard=False, logging_level="WARNING")
+        else:
+            ray.init(address=address, logging_level="WARNING")
     table = _as_table(data, text_column, ray)
     if text_column not in table.column_names:
         raise InputError(f"no text column {text_column!r} in the data; columns: {table.column_names}")
@@ -195,9 +198,7 @@ def explain_dataset(
         done = _prepare_output(out_dir, _manifest(spec, options, table, shard_size), resume)
     shards = _shards(table, text_column, shard_size, done)
 
-    context = ray.data.DataContext.get_current()
     show = sys.stderr.isatty() if progress is None else progress
-    context.enable_progress_bars = bool(show) and out_dir is None
     resources = ray.cluster_resources()
     gpus = float(resources.get("GPU", 0.0))
     per_gpu = (1.0 if gpus else 0.0) if gpus_per_worker is None else float(gpus_per_worker)
@@ -209,29 +210,37 @@ def explain_dataset(
         return _read_output(ray, out_dir)
     workers = min(workers, len(shards))
 
-    items = ray.data.from_items(
-        [{"shard": k, "payload": _ipc(part)} for k, part in enumerate(shards)], override_num_blocks=len(shards)
-    )
-    mapped = items.map_batches(
-        _Worker,
-        fn_constructor_kwargs={"spec": spec, "tokenizer": tokenizer, "options": options,
-                               "output": None if out_dir is None else str(out_dir)},
-        batch_size=1,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=workers),
-        num_cpus=1,
-        num_gpus=per_gpu,
-        # Ray Data's actor pools restart a dead actor and retry its shard without limit
-        # (max_restarts=-1, max_task_retries=-1 are its defaults); shard files make the retry
-        # idempotent.
-    )
-    if out_dir is None:
-        return mapped
-    total, written = table.num_rows, len(done)
-    report = _Progress(show, total, written)
-    for summary in mapped.iter_rows():
-        report(dict(summary))
-    report.close()
+    context = ray.data.DataContext.get_current()
+    bars = context.enable_progress_bars
+    if out_dir is not None:  # ours instead, per shard (datasets copy the context when created)
+        context.enable_progress_bars = False
+    try:
+        items = ray.data.from_items(
+            [{"shard": k, "payload": _ipc(part)} for k, part in enumerate(shards)], override_num_blocks=len(shards)
+        )
+        mapped = items.map_batches(
+            _Worker,
+            fn_constructor_kwargs={"spec": spec, "tokenizer": tokenizer, "options": options,
+                                   "output": None if out_dir is None else str(out_dir)},
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=1,
+            num_gpus=per_gpu,
+            # Ray Data's actor pools restart a dead actor and retry its shard without limit
+            # (max_restarts=-1, max_task_retries=-1 are its defaults); shard files make the retry
+            # idempotent.
+        )
+        if out_dir is None:
+            return mapped
+        report = _Progress(show, table.num_rows, len(done))
+        try:
+            for summary in mapped.iter_rows():
+                report(dict(summary))
+        finally:
+            report.close()
+    finally:
+        context.enable_progress_bars = bars
     return _read_output(ray, out_dir)
 
 

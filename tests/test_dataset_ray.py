@@ -135,11 +135,12 @@ def test_command_line_in_process(local_ray, sst, tmp_path):
 
 
 @pytest.mark.slow
-def test_lazy_dataset_from_a_ray_dataset(local_ray, sst):
+def test_lazy_dataset_from_a_ray_dataset_written_by_ray(local_ray, sst, tmp_path):
     texts = _texts(12, seed=2)
     source = ray.data.from_items([{"text": t, "n": i} for i, t in enumerate(texts)])
     out = mambalrp.explain_dataset(lambda: load_model("sst-mamba1"), source, batch_size=4, workers=2)
-    rows = out.take_all()
+    out.write_parquet(str(tmp_path / "written"))  # Ray's own writer, as a user would
+    rows = _rows(tmp_path / "written")
     assert sorted(r["row_id"] for r in rows) == list(range(12))
     assert all(r["n"] == r["row_id"] for r in rows)  # input columns kept, ids in input order
     _assert_matches_explain(rows, texts, sst)
