@@ -100,19 +100,35 @@ def test_exactly_once_and_resume(local_ray, sst, tmp_path):
     assert errors == {22: "empty text", 23: f"too long: {too_long} tokens, over max_length=64"} and too_long > 64
     _assert_matches_explain(rows, texts, sst)
 
-    # A rerun into the same output does no work; after losing one shard it redoes that one only.
+    # A rerun into the same output does no work and returns the same rows; other settings are refused.
     again = []
-    mambalrp.explain_dataset("sst-mamba1", texts, output=out_dir, batch_size=4, shard_size=6, max_length=64, progress=again.append)
-    assert again == []
-    lost = sorted(out_dir.glob("part-*.parquet"))[1]
-    lost_ids = pq.read_table(lost, columns=["row_id"]).column("row_id").to_pylist()
-    lost.unlink()
-    mambalrp.explain_dataset("sst-mamba1", texts, output=out_dir, batch_size=4, shard_size=6, max_length=64, progress=again.append)
-    assert sum(s["rows"] for s in again) == len(lost_ids) == 6
-    rows = _rows(out_dir)
-    assert sorted(r["row_id"] for r in rows) == list(range(len(texts)))
+    result = mambalrp.explain_dataset(
+        "sst-mamba1", texts, output=out_dir, batch_size=4, shard_size=6, max_length=64, progress=again.append
+    )
+    assert again == [] and sorted(result.to_pandas()["row_id"]) == list(range(len(texts)))
     with pytest.raises(mambalrp.InputError, match="max_length differ"):
         mambalrp.explain_dataset("sst-mamba1", texts, output=out_dir, batch_size=4, shard_size=6, max_length=32)
+
+
+@pytest.mark.slow
+def test_resume_redoes_only_the_missing_shards(local_ray, sst, tmp_path):
+    texts = _texts(16, seed=4)
+    out_dir = tmp_path / "out"
+    mambalrp.explain_dataset("sst-mamba1", texts, output=out_dir, batch_size=4, shard_size=4, workers=1, progress=False)
+    lost = sorted(out_dir.glob("part-*.parquet"))[1:3]
+    lost_ids = sorted(i for p in lost for i in pq.read_table(p, columns=["row_id"]).column("row_id").to_pylist())
+    for p in lost:
+        p.unlink()
+    again = []
+    mambalrp.explain_dataset("sst-mamba1", texts, output=out_dir, batch_size=4, shard_size=4, progress=again.append)
+    assert len(lost_ids) == 8 and sorted(i for s in again for i in _ids(out_dir / s["file"])) == lost_ids
+    rows = _rows(out_dir)
+    assert sorted(r["row_id"] for r in rows) == list(range(len(texts)))
+    _assert_matches_explain([r for r in rows if r["row_id"] in lost_ids], texts, sst)
+
+
+def _ids(path) -> list[int]:
+    return pq.read_table(path, columns=["row_id"]).column("row_id").to_pylist()
 
 
 @pytest.mark.slow
