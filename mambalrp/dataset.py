@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from mambalrp.dataset_rows import OUTPUT_COLUMNS, Method, RowOptions
+from mambalrp.rules import RuleSet
 
 __all__ = ["OUTPUT_COLUMNS", "explain_dataset", "read_data"]
 
@@ -51,6 +52,7 @@ ModelSpec = Any  # a zero-argument loader callable, a zoo name, or a checkpoint 
 
 def _import_ray():
     try:
+        import pyarrow  # noqa: F401
         import ray
         import ray.data  # noqa: F401
     except ImportError as err:
@@ -72,7 +74,7 @@ def explain_dataset(
     batch_size: int = 16,
     max_length: int | None = None,
     on_error: str = "record",
-    rules: str = "mambalrp",
+    rules: str | RuleSet = "mambalrp",
     recompute: bool | float | str = "auto",
     verify: bool = True,
     method: Method | None = None,
@@ -117,7 +119,7 @@ def explain_dataset(
             ``"truncate"``: likewise, except that rows over ``max_length`` keep their first
             ``max_length`` tokens and ``truncated_from`` records their length; ``"raise"``: the
             first bad row fails the job.
-        rules: Rule set (``"mambalrp"``, ``"gradient"``, ``"ln-only"``).
+        rules: Rule set (``"mambalrp"``, ``"gradient"``, ``"ln-only"``, or a :class:`~mambalrp.rules.RuleSet`).
         recompute: Per-layer recomputation for long inputs (see :func:`mambalrp.explain`);
             ``"auto"`` (default) recomputes batches of at least 4,096 tokens.
         verify: Verify the model under the rules in each worker (cached after its first batch).
@@ -535,7 +537,7 @@ def _manifest(spec: ModelSpec, options: RowOptions, table: Any, shard_size: int)
         "labels": list(options.labels) if options.labels is not None else None,
         "max_length": options.max_length,
         "on_error": options.on_error,
-        "rules": options.method_name or (getattr(options.method, "__name__", "method") if options.method else options.rules),
+        "rules": options.rules_name,
         "recompute": options.recompute,
     }
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from mambalrp.errors import InputError
+from mambalrp.rules import RuleSet
 
 #: The columns :func:`explain_table` appends, with their Arrow types and meaning (docs/datasets.md).
 OUTPUT_COLUMNS: dict[str, tuple[str, str]] = {
@@ -66,7 +67,7 @@ class RowOptions:
         on_error: ``"record"``: a row over ``max_length`` gets an error; ``"truncate"``: it keeps
             its first ``max_length`` tokens and ``truncated_from`` records its length; ``"raise"``:
             the first bad row raises :class:`~mambalrp.errors.InputError`.
-        rules: Rule set name passed to :func:`mambalrp.explain`.
+        rules: Rule set (a name or a :class:`~mambalrp.rules.RuleSet`) passed to :func:`mambalrp.explain`.
         recompute: Passed to :func:`mambalrp.explain`; ``"auto"`` recomputes the layers of
             batches of at least :data:`RECOMPUTE_AUTO_TOKENS` tokens.
         verify: Passed to :func:`mambalrp.explain`.
@@ -83,7 +84,7 @@ class RowOptions:
     batch_size: int = 16
     max_length: int | None = None
     on_error: str = "record"
-    rules: str = "mambalrp"
+    rules: str | RuleSet = "mambalrp"
     recompute: bool | float | str = "auto"
     verify: bool = True
     method: Method | None = field(default=None, compare=False)
@@ -104,6 +105,13 @@ class RowOptions:
             raise InputError(f"recompute must be True, False, a share in (0, 1] or 'auto'; got {self.recompute!r}")
         if self.method is not None and not callable(self.method):
             raise InputError("method must be a callable (model, ids, target) -> (batch, T) scores")
+
+    @property
+    def rules_name(self) -> str:
+        """What the ``rules`` column records: the rule set's name, or the method's."""
+        if self.method is not None:
+            return self.method_name or getattr(self.method, "__name__", "method")
+        return str(getattr(self.rules, "name", self.rules))
 
     def target_column(self, columns: Sequence[str]) -> str | None:
         """The column holding per-row targets, or ``None`` when ``target`` is not a column name."""
@@ -233,7 +241,7 @@ def explain_table(model: nn.Module, tokenizer: Any, table: Any, options: RowOpti
         for text, tgt in zip(table.column(options.text_column).to_pylist(), targets)
     ]
     _explain_rows(model, rows, tokens, options)
-    name = options.method_name or (getattr(options.method, "__name__", "method") if options.method else options.rules)
+    name = options.rules_name
     out = {
         "input_ids": [r.ids if r.error is None else None for r in rows],
         "tokens": [r.tokens if r.error is None else None for r in rows],

@@ -109,6 +109,16 @@ def test_the_tokenizer_limit_is_the_default_max_length(sst):
     assert tok.truncation["max_length"] == 64 and tok.padding is not None  # the caller's tokenizer is unchanged
 
 
+def test_a_rule_set_object(sst):
+    from mambalrp.rules import GRADIENT
+
+    model, tok = sst
+    row = explain_table(model, tok, pa.table({"text": ["dull ."]}), RowOptions(rules=GRADIENT)).to_pylist()[0]
+    exp = mambalrp.explain(model, torch.tensor([tok.encode("dull .").ids]), rules=GRADIENT)
+    assert row["rules"] == "gradient"
+    torch.testing.assert_close(torch.tensor(row["relevance"]), exp.relevance[0], atol=1e-5, rtol=1e-4)
+
+
 def test_on_error_raise(sst):
     model, tok = sst
     with pytest.raises(InputError, match="empty text"):
