@@ -323,8 +323,14 @@ def _model_spec(model: Any) -> ModelSpec:
             "name or a checkpoint path, not a model object (a model is never pickled to the workers)"
         )
     if isinstance(model, os.PathLike):
-        return os.fspath(model)
-    if isinstance(model, str) or callable(model):
+        model = os.fspath(model)
+    if isinstance(model, str):
+        if not os.path.exists(model) and not _zoo_has(model):
+            from mambalrp.models.zoo import available_models
+
+            raise InputError(f"{model!r} is neither a zoo model ({', '.join(available_models())}) nor an existing path")
+        return model
+    if callable(model):
         return model
     raise InputError(f"model must be a loader callable, a zoo name or a checkpoint path; got {type(model).__name__}")
 

@@ -194,6 +194,8 @@ def test_options_are_checked():
     with pytest.raises(InputError, match="not a model object"):
         _model_spec(torch.nn.Linear(2, 2))
     assert _model_spec("sst-mamba1") == "sst-mamba1"
+    with pytest.raises(InputError, match="neither a zoo model"):
+        _model_spec("no-such-model")
 
 
 def test_ray_missing_names_the_extra(monkeypatch):

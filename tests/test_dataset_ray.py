@@ -163,6 +163,26 @@ def test_lazy_dataset_from_a_ray_dataset_written_by_ray(local_ray, sst, tmp_path
 
 
 @pytest.mark.slow
+def test_a_suite_method_and_a_transformers_tokenizer_in_workers(local_ray, sst, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    from benchmarks.faithfulness import methods
+
+    model, tok = sst
+    texts = _texts(8, seed=5)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok)
+    mambalrp.explain_dataset(lambda: load_model("sst-mamba1")[0], texts, tokenizer=hf, method=methods.saliency,
+                             output=tmp_path / "o", batch_size=4, workers=1, progress=False)
+    rows = _rows(tmp_path / "o")
+    assert sorted(r["row_id"] for r in rows) == list(range(8))
+    for row in rows:
+        ids = torch.tensor([Tokens(tok).encode(row["text"])[0]])
+        assert row["rules"] == "saliency" and row["input_ids"] == ids[0].tolist()
+        expected = methods.saliency(model, ids, torch.tensor([row["target"]]))
+        torch.testing.assert_close(torch.tensor(row["relevance"]), expected[0], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
 def test_killed_worker_is_replaced_and_no_row_is_lost_or_duplicated(local_ray, sst, tmp_path):
     texts = _texts(64, seed=3)
     pids, out_dir = tmp_path / "pids", tmp_path / "out"
