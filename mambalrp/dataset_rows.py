@@ -9,7 +9,9 @@ Data); it needs neither Ray nor a cluster and runs in any process that holds the
 Every input column is kept; the columns of :data:`OUTPUT_COLUMNS` are appended. A row that cannot
 be explained (empty text, undecodable bytes, too many tokens, a target the model does not have,
 an error raised while explaining it) gets a message in ``error`` and nulls in the explanation
-columns; it never stops the other rows.
+columns; it never stops the other rows. What concerns the model rather than a row (an
+:class:`~mambalrp.errors.UnsupportedModelError`, a :class:`~mambalrp.verification.VerificationError`)
+is raised: every row would fail the same way.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mambalrp.errors import InputError
+from mambalrp.errors import InputError, UnsupportedModelError
 from mambalrp.rules import RuleSet
+from mambalrp.verification import VerificationError
 
 #: The columns :func:`explain_table` appends, with their Arrow types and meaning (docs/datasets.md).
 OUTPUT_COLUMNS: dict[str, tuple[str, str]] = {
@@ -216,11 +219,17 @@ def explain_table(model: nn.Module, tokenizer: Any, table: Any, options: RowOpti
         A ``pyarrow.Table``: the input columns, then the output columns, in the input's row order.
 
     Raises:
+        TypeError: ``model`` is not a ``torch.nn.Module``.
+        UnsupportedModelError: No adapter can explain the model.
+        VerificationError: The model under the rules fails verification.
         InputError: A column is missing or already named like an output column; a label target
             the model does not have; a bad row when ``options.on_error == "raise"``.
     """
     import pyarrow as pa
 
+    from mambalrp.inputs import check_model
+
+    check_model(model)
     columns = table.column_names
     if options.text_column not in columns:
         raise InputError(f"no text column {options.text_column!r} in the data; columns: {columns}")
@@ -320,12 +329,14 @@ def _prepare(text: Any, target: Any, tokens: Tokens, labels: list[str] | None, l
 def _explain_rows(model: nn.Module, rows: list[_Row], tokens: Tokens, options: RowOptions) -> None:
     """Fill ``result`` of every row without an error, batch by batch; record failures per row."""
     ready = [i for i, r in enumerate(rows) if r.error is None]
-    ready.sort(key=lambda i: (len(rows[i].ids), i))  # length buckets: neighbours have similar lengths
+    # Length buckets: neighbours have similar lengths. Rows explaining the prediction (no target
+    # given, or a null one in a target column) and rows with a target are batched apart.
+    ready.sort(key=lambda i: (rows[i].target is None, len(rows[i].ids), i))
     batches: list[list[int]] = []
     for i in ready:
-        # Explanations pad; methods of the suite take rows of one length.
         fits = bool(batches) and len(batches[-1]) < options.batch_size
-        if fits and options.method is not None:
+        fits = fits and (rows[batches[-1][0]].target is None) == (rows[i].target is None)
+        if fits and options.method is not None:  # explanations pad; the suite's methods take one length
             fits = len(rows[batches[-1][0]].ids) == len(rows[i].ids)
         if fits:
             batches[-1].append(i)
@@ -334,6 +345,8 @@ def _explain_rows(model: nn.Module, rows: list[_Row], tokens: Tokens, options: R
     for batch in batches:
         try:
             _explain_batch(model, [rows[i] for i in batch], tokens, options)
+        except (UnsupportedModelError, VerificationError):
+            raise  # the model, not a row: every row would fail the same way
         except Exception as err:  # noqa: BLE001 - one bad row never fails the others
             if len(batch) == 1:
                 rows[batch[0]].error = f"{type(err).__name__}: {err}"
@@ -343,6 +356,8 @@ def _explain_rows(model: nn.Module, rows: list[_Row], tokens: Tokens, options: R
             for i in batch:  # find the row(s) that fail
                 try:
                     _explain_batch(model, [rows[i]], tokens, options)
+                except (UnsupportedModelError, VerificationError):
+                    raise
                 except Exception as single:  # noqa: BLE001
                     rows[i].error = f"{type(single).__name__}: {single}"
                     if options.on_error == "raise":

@@ -119,6 +119,23 @@ def test_a_rule_set_object(sst):
     torch.testing.assert_close(torch.tensor(row["relevance"]), exp.relevance[0], atol=1e-5, rtol=1e-4)
 
 
+def test_null_targets_explain_the_prediction_and_model_errors_are_raised(sst):
+    model, tok = sst
+    table = pa.table({"text": ["dull .", "a witty film .", "so dull ."], "gold": pa.array([1, None, None], pa.int64())})
+    rows = explain_table(model, tok, table, RowOptions(target="gold", batch_size=3)).to_pylist()
+    assert rows[0]["target"] == 1
+    for row in rows:
+        exp = _direct(model, tok, row["text"], None if row["gold"] is None else row["gold"])
+        assert row["error"] is None and row["target"] == int(exp.target[0])
+        torch.testing.assert_close(torch.tensor(row["relevance"]), exp.relevance[0], atol=1e-5, rtol=1e-4)
+    # A model without a Mamba layer: an error of the model, raised, not recorded on every row.
+    plain = torch.nn.Sequential(torch.nn.Embedding(4096, 8), torch.nn.Linear(8, 2))
+    with pytest.raises(mambalrp.UnsupportedModelError):
+        explain_table(plain, tok, pa.table({"text": ["dull .", "fine"]}), RowOptions())
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        explain_table(object(), tok, pa.table({"text": ["dull ."]}), RowOptions())
+
+
 def test_on_error_raise(sst):
     model, tok = sst
     with pytest.raises(InputError, match="empty text"):
