@@ -152,7 +152,9 @@ def explain_dataset(
     Raises:
         ImportError: Ray is not installed (``pip install 'mambalrp[ray]'``).
         InputError: Bad options, a missing column, an output directory holding another job, or a
-            model object instead of a way to load one.
+            model object instead of a way to load one (all before Ray starts).
+        UnsupportedModelError: The workers' model cannot be explained (raised through Ray).
+        VerificationError: The workers' model fails verification (raised through Ray).
     """
     from mambalrp.errors import InputError
 
@@ -176,11 +178,8 @@ def explain_dataset(
     if shard_size is not None and (not isinstance(shard_size, int) or shard_size < 1):
         raise InputError(f"shard_size must be a positive int; got {shard_size!r}")
     shard_size = shard_size or BATCHES_PER_SHARD * batch_size
-    if not ray.is_initialized():
-        if address is None:  # a local Ray for this process: no dashboard to start
-            ray.init(include_dashboard=False, logging_level="WARNING")
-        else:
-            ray.init(address=address, logging_level="WARNING")
+    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
+        raise InputError(f"workers must be a positive int; got {workers!r}")
     table = _as_table(data, text_column, ray)
     if text_column not in table.column_names:
         raise InputError(f"no text column {text_column!r} in the data; columns: {table.column_names}")
@@ -201,15 +200,18 @@ def explain_dataset(
     shards = _shards(table, text_column, shard_size, done)
 
     show = sys.stderr.isatty() if progress is None else progress
+    if not ray.is_initialized():  # after the checks above: bad input fails without starting Ray
+        if address is None:  # a local Ray for this process: no dashboard to start
+            ray.init(include_dashboard=False, logging_level="WARNING")
+        else:
+            ray.init(address=address, logging_level="WARNING")
+    if not shards:  # everything was written by an earlier run
+        return _read_output(ray, out_dir)
     resources = ray.cluster_resources()
     gpus = float(resources.get("GPU", 0.0))
     per_gpu = (1.0 if gpus else 0.0) if gpus_per_worker is None else float(gpus_per_worker)
     if workers is None:
-        workers = int(gpus // per_gpu) if per_gpu else int(resources.get("CPU", 1.0))
-    if not isinstance(workers, int) or workers < 1:
-        raise InputError(f"workers must be a positive int; got {workers!r}")
-    if not shards:  # everything was written by an earlier run
-        return _read_output(ray, out_dir)
+        workers = max(1, int(gpus // per_gpu) if per_gpu else int(resources.get("CPU", 1.0)))
     workers = min(workers, len(shards))
 
     context = ray.data.DataContext.get_current()

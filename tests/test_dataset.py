@@ -280,3 +280,20 @@ def test_command_line_arguments_and_bad_input(tmp_path, capsys):
     assert run(wrong) == 2 and "--data must end in one of" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parser.parse_args(["explain-dataset", "--model", "m", "--data", "t.txt", "--out", "o", "--on-error", "skip"])
+
+
+def test_bad_input_fails_before_ray_starts():
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("Ray is already running in this process")
+    with pytest.raises(InputError, match="no text column 'text'"):
+        mambalrp.explain_dataset("sst-mamba1", [{"sentence": "dull ."}])
+    with pytest.raises(InputError, match="names of output columns"):
+        mambalrp.explain_dataset("sst-mamba1", [{"text": "dull .", "error": None}])
+    with pytest.raises(InputError, match="neither a column of the data nor one of the labels"):
+        mambalrp.explain_dataset("sst-mamba1", ["dull ."], target="neutral")
+    with pytest.raises(InputError, match="workers"):
+        mambalrp.explain_dataset("sst-mamba1", ["dull ."], workers=0)
+    with pytest.raises(InputError, match="not a model object"):
+        mambalrp.explain_dataset(torch.nn.Linear(2, 2), ["dull ."])
+    assert not ray.is_initialized()

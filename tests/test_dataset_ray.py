@@ -38,14 +38,23 @@ def _texts(n: int, seed: int = 0) -> list[str]:
     return [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (k,), generator=g)) for k in lengths]
 
 
-def _recording_loader(directory: str):
-    """A loader that records the PID of the process loading the model (a worker)."""
+def _recording_loader(directory: str, delay: float = 0.0):
+    """A loader that records the PID of the process loading the model (a worker).
+
+    With ``delay``, every forward of the model first sleeps that long, so that a run lasts long
+    enough for Ray to restart a killed worker before the end.
+    """
 
     def load():
+        import time
+
         from mambalrp.models.zoo import load_model
 
         open(os.path.join(directory, str(os.getpid())), "w").close()
-        return load_model("sst-mamba1")
+        model, tok = load_model("sst-mamba1")
+        if delay:
+            model.register_forward_pre_hook(lambda module, args: time.sleep(delay))
+        return model, tok
 
     return load
 
@@ -202,7 +211,7 @@ def test_killed_worker_is_replaced_and_no_row_is_lost_or_duplicated(local_ray, s
     killer = threading.Thread(target=kill_one_worker_mid_run, daemon=True)
     killer.start()
     shards = []
-    mambalrp.explain_dataset(_recording_loader(str(pids)), texts, output=out_dir, batch_size=2, shard_size=2,
+    mambalrp.explain_dataset(_recording_loader(str(pids), delay=0.5), texts, output=out_dir, batch_size=2, shard_size=2,
                              workers=2, progress=shards.append)
     killer.join(timeout=10)
     assert killed, "no worker was killed"
