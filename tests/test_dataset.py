@@ -297,3 +297,32 @@ def test_bad_input_fails_before_ray_starts():
     with pytest.raises(InputError, match="not a model object"):
         mambalrp.explain_dataset(torch.nn.Linear(2, 2), ["dull ."])
     assert not ray.is_initialized()
+
+
+def test_inputs_become_one_table():
+    import pandas as pd
+
+    from mambalrp.dataset import _as_table
+
+    ray = pytest.importorskip("ray")
+    expected = {"text": ["dull .", "fine"], "y": [0, 1]}
+    assert _as_table(pd.DataFrame(expected), "text", ray).to_pydict() == expected
+    assert _as_table([{"text": "dull .", "y": 0}, {"text": "fine", "y": 1}], "text", ray).to_pydict() == expected
+    assert _as_table(pa.table(expected), "text", ray).to_pydict() == expected
+    assert _as_table(["dull .", "fine"], "sentence", ray).to_pydict() == {"sentence": ["dull .", "fine"]}
+    assert _as_table(["ok", b"\xff"], "text", ray).column("text").type == pa.binary()  # decoded per row later
+
+    class Arrowish:  # the part of a Hugging Face Dataset that is used (datasets is not installed here)
+        __module__ = "datasets.arrow_dataset"
+
+        def with_format(self, kind):
+            assert kind == "arrow"
+            return self
+
+        def __getitem__(self, index):
+            assert index == slice(None)
+            return pa.table(expected)
+
+    assert _as_table(Arrowish(), "text", ray).to_pydict() == expected
+    with pytest.raises(InputError, match="unsupported data"):
+        _as_table(42, "text", ray)
