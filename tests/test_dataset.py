@@ -300,9 +300,9 @@ def test_bad_input_fails_before_ray_starts():
 
 
 def test_inputs_become_one_table():
-    import pandas as pd
-
     from mambalrp.dataset import _as_table
+
+    pd = pytest.importorskip("pandas")
 
     ray = pytest.importorskip("ray")
     expected = {"text": ["dull .", "fine"], "y": [0, 1]}
