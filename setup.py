@@ -22,8 +22,10 @@ setup(
         "zennit": ["zennit>=0.5"],
         "mamba-ssm": ["mamba-ssm>=2.2", "causal-conv1d>=1.4"],
         "viz": ["matplotlib>=3.7"],
+        "ray": ["ray[data]>=2.40", "pyarrow>=14", "pandas>=2.0"],
         "bench": ["matplotlib>=3.7", "tokenizers>=0.15", "safetensors>=0.4"],
-        "dev": ["pytest>=7", "hypothesis>=6", "transformers>=4.52,<5.25", "triton>=3.0", "matplotlib>=3.7", "nox>=2024.4"],
+        "dev": ["pytest>=7", "hypothesis>=6", "transformers>=4.52,<5.25", "triton>=3.0", "matplotlib>=3.7", "nox>=2024.4",
+                "ray[data]>=2.40", "pyarrow>=14", "pandas>=2.0"],
     },
     entry_points={"console_scripts": ["mambalrp=mambalrp.cli:main"]},
 )

@@ -11,6 +11,7 @@ Quick start::
 from mambalrp.adapters import Adapter, register_adapter, registered_adapters, supported_families, unregister_adapter
 from mambalrp.check import RuleReport, check_rules
 from mambalrp.context import LRPContext, lrp
+from mambalrp.dataset import explain_dataset  # Ray is imported only when it runs
 from mambalrp.errors import InputError, MambaLRPError, UnsupportedModelError
 from mambalrp.explain import explain
 from mambalrp.explanation import Explanation
@@ -39,6 +40,7 @@ __all__ = [
     "VerificationError",
     "check_rules",
     "explain",
+    "explain_dataset",
     "forget",
     "get_rules",
     "lrp",
