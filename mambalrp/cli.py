@@ -398,6 +398,18 @@ def _run_demo(args: argparse.Namespace) -> int:
     return run_args(args)
 
 
+def _add_explain_dataset(parser: argparse.ArgumentParser) -> None:
+    from mambalrp.dataset_cli import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_explain_dataset(args: argparse.Namespace) -> int:
+    from mambalrp.dataset_cli import run
+
+    return run(args)
+
+
 COMMANDS: list[Command] = [
     Command("explain", "explain one output (a class or the next token) of a model for a text", _add_explain, _run_explain),
     Command(
@@ -405,6 +417,10 @@ COMMANDS: list[Command] = [
         _add_explain_generation, _run_explain_generation,
     ),
     Command("demo", "explain the bundled sentiment classifier and a short generation", _add_demo, _run_demo),
+    Command(
+        "explain-dataset", "explain every text of a data file on Ray Data (one Parquet row per example)",
+        _add_explain_dataset, _run_explain_dataset,
+    ),
 ]
 
 

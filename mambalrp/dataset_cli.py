@@ -4,7 +4,10 @@ Example::
 
     mambalrp explain-dataset --model sst-mamba1 --data texts.jsonl --out relevance/
 
-The command line module registers it with :func:`add_parser` and runs it with :func:`run`.
+The command line (:mod:`mambalrp.cli`) declares its options with :func:`add_arguments` and runs it
+with :func:`run`; :func:`add_parser` registers it on any ``argparse`` subparsers. Exit status as for
+every command: 0 done, 1 the command could not be carried out (no data file, Ray missing, a model
+that cannot be explained), 2 a malformed command line (a data file of an unknown kind).
 """
 
 from __future__ import annotations
@@ -30,6 +33,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "into the same --out skips the rows already written. Needs the 'mambalrp[ray]' extra."
         ),
     )
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare the options of ``explain-dataset`` on ``parser``."""
     parser.add_argument("--model", required=True, help="zoo name (e.g. sst-mamba1) or local checkpoint directory")
     parser.add_argument("--data", required=True, help="input file: " + ", ".join(DATA_SUFFIXES) + " (.txt: one text per line)")
     parser.add_argument("--out", required=True, help="output directory (Parquet shards and a manifest)")
@@ -52,7 +61,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--address", default=None, help="address of a running Ray cluster (default: start Ray locally)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.set_defaults(func=run)
-    return parser
 
 
 def _target(value: str | None) -> int | str | None:
@@ -65,16 +73,16 @@ def _target(value: str | None) -> int | str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``explain-dataset``; return the exit status (0: done, 2: bad input, 3: Ray missing)."""
+    """Run ``explain-dataset``; return the exit status (0: done, 1: could not be carried out, 2: unknown data kind)."""
     from mambalrp.errors import InputError
 
     data = Path(args.data)
     if data.suffix.lower() not in DATA_SUFFIXES:
-        print(f"mambalrp explain-dataset: --data must end in one of {', '.join(DATA_SUFFIXES)}: {data}", file=sys.stderr)
+        print(f"mambalrp: error: --data must end in one of {', '.join(DATA_SUFFIXES)}: {data}", file=sys.stderr)
         return 2
     if not data.is_file():
-        print(f"mambalrp explain-dataset: no data file {data}", file=sys.stderr)
-        return 2
+        print(f"mambalrp: error: no data file {data}", file=sys.stderr)
+        return 1
     try:
         from mambalrp.dataset import explain_dataset
 
@@ -92,12 +100,9 @@ def run(args: argparse.Namespace) -> int:
             address=args.address,
             progress=False if args.quiet else True,
         )
-    except ImportError as err:
-        print(f"mambalrp explain-dataset: {err}", file=sys.stderr)
-        return 3
-    except InputError as err:
-        print(f"mambalrp explain-dataset: {err}", file=sys.stderr)
-        return 2
+    except (ImportError, InputError) as err:
+        print(f"mambalrp: error: {err}", file=sys.stderr)
+        return 1
     if not args.quiet:
         import pyarrow.parquet as pq
 

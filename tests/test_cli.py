@@ -63,18 +63,26 @@ def relevance_and_logit(data):
 def test_help_of_every_command_names_its_options(run):
     status, out, _ = run("--help")
     assert status == 0
-    for command in ("explain", "explain-generation", "demo"):
+    for command in ("explain", "explain-generation", "demo", "explain-dataset"):
         assert command in out
     expected = {
         "explain": ["--model", "--text", "--target", "--position", "--format", "--out", "--rules", "--quiet"],
         "explain-generation": ["--max-new-tokens", "--continuation", "--sample", "--seed", "--temperature", "--format", "--out"],
         "demo": ["--model", "--html", "--no-color", "--rules", "--quiet", "sentence"],
+        "explain-dataset": ["--model", "--data", "--out", "--text-column", "--target", "--workers", "--on-error", "--address"],
     }
     for command, options in expected.items():
         status, out, _ = run(command, "--help")
         assert status == 0
         for option in options:
             assert option in out, (command, option)
+
+
+def test_explain_dataset_errors_follow_the_exit_status_convention(run, tmp_path):
+    status, _, err = run("explain-dataset", "--model", "sst-mamba1", "--data", str(tmp_path / "none.jsonl"), "--out", "o")
+    assert status == 1 and err.strip() == f"mambalrp: error: no data file {tmp_path / 'none.jsonl'}"
+    status, _, err = run("explain-dataset", "--model", "sst-mamba1", "--data", "texts.xml", "--out", "o")
+    assert status == 2 and "--data must end in one of" in err
 
 
 def test_explain_classifier_json_conserves_and_names_the_class(run):

@@ -275,7 +275,7 @@ def test_command_line_arguments_and_bad_input(tmp_path, capsys):
         "sst-mamba1", "1", 32, "truncate", "auto", 3)
     assert (args.text_column, args.batch_size, args.quiet) == ("text", 16, False)
     missing = parser.parse_args(["explain-dataset", "--model", "m", "--data", str(tmp_path / "none.jsonl"), "--out", "o"])
-    assert run(missing) == 2 and "no data file" in capsys.readouterr().err
+    assert run(missing) == 1 and "no data file" in capsys.readouterr().err
     wrong = parser.parse_args(["explain-dataset", "--model", "m", "--data", "texts.xml", "--out", "o"])
     assert run(wrong) == 2 and "--data must end in one of" in capsys.readouterr().err
     with pytest.raises(SystemExit):
