@@ -16,7 +16,12 @@ Built-in adapters, registered at import:
       :class:`~mambalrp.adapters.moe_parallel.ParallelExpertsAdapter`: the MoE blocks of Jamba and
       GraniteMoeHybrid in older transformers releases;
       :class:`~mambalrp.adapters.activations.ActivationAdapter`: activations outside mixers.
-    * :class:`~mambalrp.adapters.norms.RMSNormAdapter`: RMSNorms.
+    * :class:`~mambalrp.adapters.norms.RMSNormAdapter`: RMSNorms;
+      :class:`~mambalrp.adapters.zero_centred_norm.ZeroCentredRMSNormAdapter`: ``(1 + weight)`` RMSNorms.
+    * :class:`~mambalrp.adapters.gated_deltanet.GatedDeltaNetAdapter`: Gated DeltaNet mixers (Qwen3-Next,
+      Qwen3.5, OLMo-hybrid); :class:`~mambalrp.adapters.gated_attention.GatedAttentionAdapter`: attention
+      with a sigmoid output gate; :class:`~mambalrp.adapters.moe_shared_gate.SharedGateMoEAdapter`: MoE
+      blocks with a gated shared expert.
     * :class:`~mambalrp.adapters.norms.LinearAdapter`: ``nn.Linear`` (epsilon / gamma rules only).
 
 See ``docs/adapters.md`` for writing and registering a new one.
@@ -32,6 +37,8 @@ from mambalrp.adapters.base import (
     has_attrs,
     mask_padding,
 )
+from mambalrp.adapters.gated_attention import GatedAttentionAdapter
+from mambalrp.adapters.gated_deltanet import GatedDeltaNetAdapter
 from mambalrp.adapters.hf_attention import HFAttentionAdapter
 from mambalrp.adapters.hf_mamba import HFMambaMixerAdapter
 from mambalrp.adapters.hf_mamba2 import HFMamba2MixerAdapter
@@ -48,7 +55,9 @@ from mambalrp.adapters.inline_attention import InlineAttentionAdapter
 from mambalrp.adapters.moe import ExpertsAdapter
 from mambalrp.adapters.moe_parallel import ParallelExpertsAdapter
 from mambalrp.adapters.moe_router import RouterExpertListAdapter
+from mambalrp.adapters.moe_shared_gate import SharedGateMoEAdapter
 from mambalrp.adapters.vim import VimBiMambaAdapter
+from mambalrp.adapters.zero_centred_norm import ZeroCentredRMSNormAdapter
 from mambalrp.adapters.norms import LinearAdapter, RMSNormAdapter
 from mambalrp.adapters.registry import (
     find_adapter,
@@ -79,6 +88,11 @@ _BUILTIN = (
     MambaSSMGatedMLPAdapter(),
     MambaSSMAttentionAdapter(),
     VimBiMambaAdapter(),
+    # Gated delta rules and the layers around them (tried before the general ones above).
+    ZeroCentredRMSNormAdapter(),
+    SharedGateMoEAdapter(),
+    GatedAttentionAdapter(),
+    GatedDeltaNetAdapter(),
 )
 for _adapter in _BUILTIN:
     register_adapter(_adapter)
@@ -88,6 +102,8 @@ __all__ = [
     "Adapter",
     "ExpertsAdapter",
     "FusedGatedMLPAdapter",
+    "GatedAttentionAdapter",
+    "GatedDeltaNetAdapter",
     "GatedMLPAdapter",
     "HFAttentionAdapter",
     "HFMamba2MixerAdapter",
@@ -103,7 +119,9 @@ __all__ = [
     "ParallelExpertsAdapter",
     "RMSNormAdapter",
     "RouterExpertListAdapter",
+    "SharedGateMoEAdapter",
     "VimBiMambaAdapter",
+    "ZeroCentredRMSNormAdapter",
     "activation_problem",
     "conv_problem",
     "direction_problem",
