@@ -16,8 +16,8 @@ Both directions run in the chunked (WY / UT-transform) form. Inside a chunk of `
 ``u = (I + A)^{-1} (beta v - beta (k e^G) S_0)`` with ``A_ij = beta_i sum_d k_id k_jd e^{G_id - G_jd}``
 (``i > j``), so that ``o = (q e^G) S_0 + (Q K^T decayed, causal) u`` and the state moves on as
 ``S_L = e^{G_L} S_0 + (k e^{G_L - G})^T u``. The adjoint walks the chunks from the end, carrying
-the gradient of the state instead of the state, and applies ``(I + A)^{-T}`` with one triangular
-solve. Memory is ``O(batch * T * heads * (d_k + d_v + L))`` plus one chunk's work.
+the gradient of the state instead of the state, and applies ``(I + A)^{-T}`` (the inverse comes
+from one triangular solve per chunk). Memory is ``O(batch * T * heads * (d_k + d_v + L))`` plus one chunk's work.
 
 Layout (as in transformers and fla): ``q, k: (b, T, h_k, d_k)``, ``v: (b, T, h, d_v)`` with ``h``
 a multiple of ``h_k`` (value head ``i`` reads key head ``i // (h / h_k)``), ``g: (b, T, h)`` or
@@ -75,9 +75,9 @@ def _chunked(t: torch.Tensor, L: int) -> torch.Tensor:
 class _Chunks:
     """What both directions need of each chunk, computed in bulk (all chunks at once).
 
-    Attributes (shapes ``(b, h, n, L, ...)``): ``tri`` the unit lower-triangular ``I + A``;
-    ``qk`` the decayed causal ``Q K^T``; ``qg = q e^G``; ``kend = k e^{G_L - G}``; ``kg_beta =
-    beta k e^G``; ``gend = e^{G_L}`` (``(b, h, n)`` or ``(b, h, n, d_k)``); ``beta``.
+    Attributes (shapes ``(b, h, n, L, ...)``): ``inv`` the inverse of the unit lower-triangular
+    ``I + A``; ``qk`` the decayed causal ``Q K^T``; ``qg = q e^G``; ``kend = k e^{G_L - G}``;
+    ``w = (I + A)^{-1} beta k e^G``; ``gend = e^{G_L}`` (``(b, h, n)`` or ``(b, h, n, d_k)``); ``beta``.
     """
 
     def __init__(self, q, k, g, beta, L: int):
@@ -101,10 +101,14 @@ class _Chunks:
             self.gend = eG[:, :, :, -1, 0]
             self.kend = k * (G[:, :, :, -1:] - G).exp().unsqueeze(-1)
         strict = torch.ones(L, L, dtype=torch.bool, device=q.device).tril(-1)
-        self.tri = (kk * beta.unsqueeze(-1)).masked_fill(~strict, 0.0) + torch.eye(L, dtype=q.dtype, device=q.device)
+        eye = torch.eye(L, dtype=q.dtype, device=q.device)
+        tri = (kk * beta.unsqueeze(-1)).masked_fill(~strict, 0.0) + eye
+        # (I + A)^{-1} once per chunk (one triangular solve against the identity); the pseudo-values
+        # and their adjoint are then batched matmuls.
+        self.inv = torch.linalg.solve_triangular(tri, eye.expand_as(tri), upper=False, unitriangular=True)
         self.qk = qk
         self.qg = q * eG
-        self.kg_beta = k * eG * beta.unsqueeze(-1)
+        self.w = self.inv @ (k * eG * beta.unsqueeze(-1))
         self.beta = beta
         self.per_channel = per_channel
 
@@ -126,10 +130,8 @@ def gated_delta_rule_fwd_torch(q, k, v, g, beta, chunk: int | None = None) -> to
     L = _pick(chunk, g)
     q, k, v, g, beta = (_heads_first(t, h) for t in (q, k, v, g, beta))
     ch = _Chunks(q, k, g, beta, L)
-    vb = _chunked(v * beta.unsqueeze(-1), L)
     dv_width = v.shape[-1]
-    solved = torch.linalg.solve_triangular(ch.tri, torch.cat([vb, ch.kg_beta], dim=-1), upper=False, unitriangular=True)
-    U, W = solved[..., :dv_width], solved[..., dv_width:]
+    U, W = ch.inv @ _chunked(v * beta.unsqueeze(-1), L), ch.w
     S = v.new_zeros(v.shape[0], h, q.shape[-1], dv_width)
     outs = []
     for c in range(U.shape[2]):
@@ -147,14 +149,13 @@ def gated_delta_rule_lrp_bwd_torch(grad_o, q, k, g, beta, chunk: int | None = No
     q, k, g, beta, grad_o = (_heads_first(t, h) for t in (q, k, g, beta, grad_o))
     ch = _Chunks(q, k, g, beta, L)
     dO = _chunked(grad_o, L)
-    solved_w = torch.linalg.solve_triangular(ch.tri, ch.kg_beta, upper=False, unitriangular=True)
     dS = grad_o.new_zeros(grad_o.shape[0], h, q.shape[-1], dv_width)
     du = torch.empty_like(dO)
     for c in reversed(range(dO.shape[2])):
         du_c = ch.qk[:, :, c].transpose(-1, -2) @ dO[:, :, c] + ch.kend[:, :, c] @ dS
         du[:, :, c] = du_c
-        dS = ch.qg[:, :, c].transpose(-1, -2) @ dO[:, :, c] + ch.decay_state(dS, c) - solved_w[:, :, c].transpose(-1, -2) @ du_c
-    dvb = torch.linalg.solve_triangular(ch.tri.transpose(-1, -2), du, upper=True, unitriangular=True)
+        dS = ch.qg[:, :, c].transpose(-1, -2) @ dO[:, :, c] + ch.decay_state(dS, c) - ch.w[:, :, c].transpose(-1, -2) @ du_c
+    dvb = ch.inv.transpose(-1, -2) @ du
     dv = (dvb * ch.beta.unsqueeze(-1)).reshape(grad_o.shape[0], h, -1, dv_width)[:, :, :T]
     return dv.transpose(1, 2)
 
