@@ -1,4 +1,5 @@
-"""Tiny random transformers models with gated delta rules (Qwen3-Next, Qwen3.5, OLMo-hybrid).
+"""Tiny random transformers models with gated delta rules (Qwen3-Next, Qwen3.5, OLMo-hybrid) and
+LFM2's gated short convolution.
 
 Importable from test modules because pytest puts ``tests/`` on ``sys.path``.
 """
@@ -68,3 +69,17 @@ def make(family: str, seed: int = 0, zero_biases: bool = False) -> torch.nn.Modu
             if type(module).__name__ in ("Qwen3NextRMSNorm", "Qwen3_5RMSNorm"):
                 module.weight.copy_(0.2 * torch.randn(module.weight.shape, generator=gen))
     return model
+
+
+def lfm2() -> T.PreTrainedModel:
+    """LFM2: gated short convolutions (with biases) and attention with q/k layernorms, SwiGLU MLPs."""
+    cfg = T.Lfm2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, conv_L_cache=3, conv_bias=True, block_auto_adjust_ff_dim=False,
+        layer_types=["conv", "full_attention", "conv"], pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    return T.Lfm2ForCausalLM(cfg)
+
+
+_CONFIGS[lfm2] = "Lfm2Config"
+DELTA_MODELS = {f.__name__: f for f, config in _CONFIGS.items() if hasattr(T, config)}

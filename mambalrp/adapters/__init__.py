@@ -22,6 +22,9 @@ Built-in adapters, registered at import:
       Qwen3.5, OLMo-hybrid); :class:`~mambalrp.adapters.gated_attention.GatedAttentionAdapter`: attention
       with a sigmoid output gate; :class:`~mambalrp.adapters.moe_shared_gate.SharedGateMoEAdapter`: MoE
       blocks with a gated shared expert.
+    * :class:`~mambalrp.adapters.short_conv.ShortConvAdapter`: LFM2's gated short convolution, with
+      :class:`~mambalrp.adapters.swiglu_mlp.SwiGLUMLPAdapter` and
+      :class:`~mambalrp.adapters.hf_attention_out_proj.HFAttentionOutProjAdapter` around it.
     * :class:`~mambalrp.adapters.norms.LinearAdapter`: ``nn.Linear`` (epsilon / gamma rules only).
 
 See ``docs/adapters.md`` for writing and registering a new one.
@@ -40,6 +43,7 @@ from mambalrp.adapters.base import (
 from mambalrp.adapters.gated_attention import GatedAttentionAdapter
 from mambalrp.adapters.gated_deltanet import GatedDeltaNetAdapter
 from mambalrp.adapters.hf_attention import HFAttentionAdapter
+from mambalrp.adapters.hf_attention_out_proj import HFAttentionOutProjAdapter
 from mambalrp.adapters.hf_mamba import HFMambaMixerAdapter
 from mambalrp.adapters.hf_mamba2 import HFMamba2MixerAdapter
 from mambalrp.adapters.mamba_ssm_mamba1 import MambaSSMMixerAdapter
@@ -56,6 +60,8 @@ from mambalrp.adapters.moe import ExpertsAdapter
 from mambalrp.adapters.moe_parallel import ParallelExpertsAdapter
 from mambalrp.adapters.moe_router import RouterExpertListAdapter
 from mambalrp.adapters.moe_shared_gate import SharedGateMoEAdapter
+from mambalrp.adapters.short_conv import ShortConvAdapter
+from mambalrp.adapters.swiglu_mlp import SwiGLUMLPAdapter
 from mambalrp.adapters.vim import VimBiMambaAdapter
 from mambalrp.adapters.zero_centred_norm import ZeroCentredRMSNormAdapter
 from mambalrp.adapters.norms import LinearAdapter, RMSNormAdapter
@@ -93,6 +99,10 @@ _BUILTIN = (
     SharedGateMoEAdapter(),
     GatedAttentionAdapter(),
     GatedDeltaNetAdapter(),
+    # LFM2: gated short convolution, w1/w3/w2 MLP, attention with out_proj.
+    SwiGLUMLPAdapter(),
+    HFAttentionOutProjAdapter(),
+    ShortConvAdapter(),
 )
 for _adapter in _BUILTIN:
     register_adapter(_adapter)
@@ -106,6 +116,7 @@ __all__ = [
     "GatedDeltaNetAdapter",
     "GatedMLPAdapter",
     "HFAttentionAdapter",
+    "HFAttentionOutProjAdapter",
     "HFMamba2MixerAdapter",
     "HFMambaMixerAdapter",
     "InlineAttentionAdapter",
@@ -120,6 +131,8 @@ __all__ = [
     "RMSNormAdapter",
     "RouterExpertListAdapter",
     "SharedGateMoEAdapter",
+    "ShortConvAdapter",
+    "SwiGLUMLPAdapter",
     "VimBiMambaAdapter",
     "ZeroCentredRMSNormAdapter",
     "activation_problem",
