@@ -83,3 +83,21 @@ def lfm2() -> T.PreTrainedModel:
 
 _CONFIGS[lfm2] = "Lfm2Config"
 DELTA_MODELS = {f.__name__: f for f, config in _CONFIGS.items() if hasattr(T, config)}
+
+
+def kimi_linear() -> T.PreTrainedModel:
+    """Kimi Linear: KDA (per-channel decays, sigmoid-gated output norm), multi-head latent
+    attention without rotary, a dense MLP then MoE layers with a shared expert."""
+    cfg = T.KimiLinearConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=4,
+        qk_nope_head_dim=8, v_head_dim=8, num_local_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+        n_shared_experts=1, linear_head_dim=8, linear_num_heads=4, linear_conv_kernel_dim=4,
+        layer_types=["linear_attention", "full_attention", "linear_attention"], mlp_layer_types=["dense", "sparse", "sparse"],
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    return T.KimiLinearForCausalLM(cfg)
+
+
+_CONFIGS[kimi_linear] = "KimiLinearConfig"
+DELTA_MODELS = {f.__name__: f for f, config in _CONFIGS.items() if hasattr(T, config)}

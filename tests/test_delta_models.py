@@ -1,4 +1,5 @@
-"""Models with gated delta rules from transformers (Qwen3-Next, Qwen3.5, OLMo-hybrid) and LFM2.
+"""Models with gated delta rules from transformers (Qwen3-Next, Qwen3.5, OLMo-hybrid: Gated DeltaNet;
+Kimi Linear: KDA) and LFM2's gated short convolution.
 
 Per family: the forward under lrp() equals the original (<= 1e-5 of the logit scale, float32), the
 model is restored exactly, every operation on the relevance path is covered by a rule, and
@@ -47,6 +48,9 @@ def test_every_layer_kind_is_matched(delta_model):
     names = {adapter.name for _, _, adapter in mambalrp.context.plan(model, mambalrp.MAMBALRP)}
     if family == "lfm2":  # short convs, attention with out_proj, w1/w3/w2 MLPs, plain RMSNorms
         assert names == {"lfm2-short-conv", "hf-attention-out-proj", "swiglu-mlp-w123", "rmsnorm"}
+        return
+    if family == "kimi_linear":  # KDA, latent attention, MoE with a shared expert, plain RMSNorms
+        assert {"kimi-delta-attention", "hf-latent-attention", "moe-experts", "gated-mlp", "rmsnorm"} <= names
         return
     assert "gated-deltanet" in names and "gated-mlp" in names
     if family == "olmo_hybrid":  # plain RMSNorms, ungated attention

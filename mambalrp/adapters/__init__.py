@@ -25,6 +25,8 @@ Built-in adapters, registered at import:
     * :class:`~mambalrp.adapters.short_conv.ShortConvAdapter`: LFM2's gated short convolution, with
       :class:`~mambalrp.adapters.swiglu_mlp.SwiGLUMLPAdapter` and
       :class:`~mambalrp.adapters.hf_attention_out_proj.HFAttentionOutProjAdapter` around it.
+    * :class:`~mambalrp.adapters.kda.KimiDeltaAttentionAdapter`: Kimi Linear's KDA mixers, with
+      :class:`~mambalrp.adapters.hf_attention_latent.LatentAttentionAdapter` for its MLA layers.
     * :class:`~mambalrp.adapters.norms.LinearAdapter`: ``nn.Linear`` (epsilon / gamma rules only).
 
 See ``docs/adapters.md`` for writing and registering a new one.
@@ -43,6 +45,7 @@ from mambalrp.adapters.base import (
 from mambalrp.adapters.gated_attention import GatedAttentionAdapter
 from mambalrp.adapters.gated_deltanet import GatedDeltaNetAdapter
 from mambalrp.adapters.hf_attention import HFAttentionAdapter
+from mambalrp.adapters.hf_attention_latent import LatentAttentionAdapter
 from mambalrp.adapters.hf_attention_out_proj import HFAttentionOutProjAdapter
 from mambalrp.adapters.hf_mamba import HFMambaMixerAdapter
 from mambalrp.adapters.hf_mamba2 import HFMamba2MixerAdapter
@@ -56,6 +59,7 @@ from mambalrp.adapters.mamba_ssm_model import (
 )
 from mambalrp.adapters.mlp import FusedGatedMLPAdapter, GatedMLPAdapter
 from mambalrp.adapters.inline_attention import InlineAttentionAdapter
+from mambalrp.adapters.kda import KimiDeltaAttentionAdapter
 from mambalrp.adapters.moe import ExpertsAdapter
 from mambalrp.adapters.moe_parallel import ParallelExpertsAdapter
 from mambalrp.adapters.moe_router import RouterExpertListAdapter
@@ -103,6 +107,9 @@ _BUILTIN = (
     SwiGLUMLPAdapter(),
     HFAttentionOutProjAdapter(),
     ShortConvAdapter(),
+    # Kimi Linear: KDA (per-channel decays) and multi-head latent attention.
+    LatentAttentionAdapter(),
+    KimiDeltaAttentionAdapter(),
 )
 for _adapter in _BUILTIN:
     register_adapter(_adapter)
@@ -120,6 +127,8 @@ __all__ = [
     "HFMamba2MixerAdapter",
     "HFMambaMixerAdapter",
     "InlineAttentionAdapter",
+    "KimiDeltaAttentionAdapter",
+    "LatentAttentionAdapter",
     "LinearAdapter",
     "MambaSSMAttentionAdapter",
     "MambaSSMBackboneAdapter",
