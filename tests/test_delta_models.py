@@ -71,9 +71,9 @@ def test_rules_cover_the_graph_and_conserve(delta_model):
     assert report.ok, str(report)
     assert len(report.blocks) == len(model.model.layers)
     assert report.total_relative_error <= 1e-4
-    attn = mambalrp.explain(model, IDS)  # default: AttnLRP on attention
+    attn = mambalrp.explain(model, IDS, verify=False)  # default: AttnLRP on attention (verified below)
     torch.testing.assert_close(attn.logit, report.logit)
-    assert attn.verified and 1e-4 < _relative(attn) < 1.0
+    assert 1e-4 < _relative(attn) < 1.0
     gi = mambalrp.explain(model, IDS, rules="gradient", verify=False)
     assert _relative(gi) > 100 * max(report.total_relative_error, 1e-7)
 
@@ -88,7 +88,7 @@ def test_left_padding(delta_model):
             patched = model(IDS, attention_mask=mask, use_cache=False).logits
     assert (patched - ref)[mask.bool()].abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
     exp = mambalrp.explain(model, IDS, attention_mask=mask, rules=CP)
-    assert torch.isfinite(exp.relevance).all()
+    assert exp.verified and torch.isfinite(exp.relevance).all()
     assert torch.all(exp.relevance[0, :3] == 0)
     assert _relative(exp) <= 1e-4
 
