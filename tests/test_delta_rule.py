@@ -111,3 +111,19 @@ def test_bad_shapes_are_named(change, message):
 
 def test_function_class_is_exported():
     assert mambalrp.functional.GatedDeltaRuleFn is GatedDeltaRuleFn
+
+
+def test_kept_and_recomputed_chunk_quantities_give_the_same_backward(monkeypatch):
+    """Short inputs keep the forward's chunk quantities for the backward; long ones recompute them."""
+    from mambalrp.functional import delta_rule
+
+    q, k, v, g, beta = _inputs(T=40)
+    grads = []
+    for limit in (delta_rule.KEEP_CHUNKS_BYTES, 0):
+        monkeypatch.setattr(delta_rule, "KEEP_CHUNKS_BYTES", limit)
+        vv = v.clone().requires_grad_()
+        out = gated_delta_rule(q, k, vv, g, beta)
+        assert (out.grad_fn.chunks is not None) == (limit > 0)
+        out.sum().backward()
+        grads.append(vv.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)

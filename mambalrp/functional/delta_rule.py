@@ -38,6 +38,8 @@ from mambalrp.functional.scan_core import acc
 DEFAULT_CHUNK = 64
 # Per-channel decays need an (L, L, d_k) tensor per chunk: shorter chunks bound it.
 PER_CHANNEL_CHUNK = 16
+# The LRP function keeps the forward's chunk quantities for the backward up to this size per call.
+KEEP_CHUNKS_BYTES = 64 << 20
 
 
 def check_shapes(q, k, v, g, beta) -> None:
@@ -76,8 +78,10 @@ class _Chunks:
     """What both directions need of each chunk, computed in bulk (all chunks at once).
 
     Attributes (shapes ``(b, h, n, L, ...)``): ``inv`` the inverse of the unit lower-triangular
-    ``I + A``; ``qk`` the decayed causal ``Q K^T``; ``qg = q e^G``; ``kend = k e^{G_L - G}``;
-    ``w = (I + A)^{-1} beta k e^G``; ``gend = e^{G_L}`` (``(b, h, n)`` or ``(b, h, n, d_k)``); ``beta``.
+    ``I + A``; ``qk`` the decayed causal ``Q K^T``; ``kend = k e^{G_L - G}``; with
+    ``W = (I + A)^{-1} beta k e^G``: ``q_state = q e^G - (Q K^T) W`` (how each output reads the
+    chunk's start state) and ``kw = kend^T W`` (``(b, h, n, d_k, d_k)``, how the start state is
+    overwritten by the end); ``gend = e^{G_L}`` (``(b, h, n)`` or ``(b, h, n, d_k)``); ``beta``.
     """
 
     def __init__(self, q, k, g, beta, L: int):
@@ -106,11 +110,18 @@ class _Chunks:
         # (I + A)^{-1} once per chunk (one triangular solve against the identity); the pseudo-values
         # and their adjoint are then batched matmuls.
         self.inv = torch.linalg.solve_triangular(tri, eye.expand_as(tri), upper=False, unitriangular=True)
+        w = self.inv @ (k * eG * beta.unsqueeze(-1))
         self.qk = qk
-        self.qg = q * eG
-        self.w = self.inv @ (k * eG * beta.unsqueeze(-1))
+        self.q_state = q * eG - qk @ w
+        self.kw = self.kend.transpose(-1, -2) @ w
         self.beta = beta
         self.per_channel = per_channel
+        self.length = L
+
+    def nbytes(self) -> int:
+        """Memory held by the quantities."""
+        tensors = (self.inv, self.qk, self.q_state, self.kw, self.kend, self.gend, self.beta)
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def decay_state(self, S: torch.Tensor, c: int) -> torch.Tensor:
         """``diag(e^{G_L}) S`` of chunk ``c`` for states ``(b, h, d_k, d_v)``."""
@@ -118,46 +129,57 @@ class _Chunks:
         return S * (gend.unsqueeze(-1) if self.per_channel else gend[:, :, None, None])
 
 
-def _pick(L: int | None, g: torch.Tensor) -> int:
-    if L is not None:
-        return L
-    return PER_CHANNEL_CHUNK if g.dim() == 4 else DEFAULT_CHUNK
+def chunk_quantities(q, k, g, beta, heads: int, chunk: int | None = None) -> _Chunks:
+    """The chunk quantities of both directions, for inputs in the module's layout."""
+    L = chunk if chunk is not None else PER_CHANNEL_CHUNK if g.dim() == 4 else DEFAULT_CHUNK
+    return _Chunks(*(_heads_first(t, heads) for t in (q, k, g, beta)), L)
 
 
-def gated_delta_rule_fwd_torch(q, k, v, g, beta, chunk: int | None = None) -> torch.Tensor:
-    """Chunked forward; differentiable in every input (no in-place writes). Returns ``o`` ``(b, T, h, d_v)``."""
+def gated_delta_rule_fwd_torch(q, k, v, g, beta, chunk: int | None = None, chunks: _Chunks | None = None) -> torch.Tensor:
+    """Chunked forward; differentiable in every input (no in-place writes). Returns ``o`` ``(b, T, h, d_v)``.
+
+    Only the states at the chunk starts are sequential (``S <- e^{G_L} S + K^T U - (K^T W) S``, one
+    ``(d_k, d_k) @ (d_k, d_v)`` product per chunk); the outputs ``Q K^T U + (q e^G - Q K^T W) S``
+    are computed for all chunks at once. ``chunks``: the chunk quantities, if already computed.
+    """
     h, T = v.shape[2], v.shape[1]
-    L = _pick(chunk, g)
-    q, k, v, g, beta = (_heads_first(t, h) for t in (q, k, v, g, beta))
-    ch = _Chunks(q, k, g, beta, L)
-    dv_width = v.shape[-1]
-    U, W = ch.inv @ _chunked(v * beta.unsqueeze(-1), L), ch.w
-    S = v.new_zeros(v.shape[0], h, q.shape[-1], dv_width)
-    outs = []
+    ch = chunk_quantities(q, k, g, beta, h, chunk) if chunks is None else chunks
+    L = ch.length
+    v = _heads_first(v)
+    U = ch.inv @ (_chunked(v, L) * ch.beta.unsqueeze(-1))
+    written = ch.kend.transpose(-1, -2) @ U  # (b, h, n, d_k, d_v): what each chunk adds to the state
+    S = v.new_zeros(v.shape[0], h, ch.kw.shape[-1], v.shape[-1])
+    starts = []
     for c in range(U.shape[2]):
-        u = U[:, :, c] - W[:, :, c] @ S
-        outs.append(ch.qg[:, :, c] @ S + ch.qk[:, :, c] @ u)
-        S = ch.decay_state(S, c) + ch.kend[:, :, c].transpose(-1, -2) @ u
-    o = torch.stack(outs, dim=2).reshape(v.shape[0], h, -1, dv_width)[:, :, :T]
-    return o.transpose(1, 2)
+        starts.append(S)
+        S = ch.decay_state(S, c) + written[:, :, c] - ch.kw[:, :, c] @ S
+    o = ch.qk @ U + ch.q_state @ torch.stack(starts, dim=2)
+    return o.reshape(v.shape[0], h, -1, v.shape[-1])[:, :, :T].transpose(1, 2)
 
 
-def gated_delta_rule_lrp_bwd_torch(grad_o, q, k, g, beta, chunk: int | None = None) -> torch.Tensor:
-    """Adjoint of the map ``v -> o`` with ``q, k, g, beta`` held constant. Returns ``dv`` ``(b, T, h, d_v)``."""
+def gated_delta_rule_lrp_bwd_torch(
+    grad_o, q, k, g, beta, chunk: int | None = None, chunks: _Chunks | None = None
+) -> torch.Tensor:
+    """Adjoint of the map ``v -> o`` with ``q, k, g, beta`` held constant. Returns ``dv`` ``(b, T, h, d_v)``.
+
+    The gradients of the states at the chunk ends are the sequential part
+    (``P <- (q e^G - Q K^T W)^T dO + e^{G_L} P - (K^T W)^T P``, walking back); the gradients of the
+    pseudo-values and of the values are then computed for all chunks at once. ``chunks``: the chunk
+    quantities, if kept from the forward.
+    """
     h, T, dv_width = grad_o.shape[2], grad_o.shape[1], grad_o.shape[-1]
-    L = _pick(chunk, g)
-    q, k, g, beta, grad_o = (_heads_first(t, h) for t in (q, k, g, beta, grad_o))
-    ch = _Chunks(q, k, g, beta, L)
-    dO = _chunked(grad_o, L)
-    dS = grad_o.new_zeros(grad_o.shape[0], h, q.shape[-1], dv_width)
-    du = torch.empty_like(dO)
-    for c in reversed(range(dO.shape[2])):
-        du_c = ch.qk[:, :, c].transpose(-1, -2) @ dO[:, :, c] + ch.kend[:, :, c] @ dS
-        du[:, :, c] = du_c
-        dS = ch.qg[:, :, c].transpose(-1, -2) @ dO[:, :, c] + ch.decay_state(dS, c) - ch.w[:, :, c].transpose(-1, -2) @ du_c
-    dvb = ch.inv.transpose(-1, -2) @ du
-    dv = (dvb * ch.beta.unsqueeze(-1)).reshape(grad_o.shape[0], h, -1, dv_width)[:, :, :T]
-    return dv.transpose(1, 2)
+    ch = chunk_quantities(q, k, g, beta, h, chunk) if chunks is None else chunks
+    grad_o = _heads_first(grad_o)
+    dO = _chunked(grad_o, ch.length)
+    read = ch.q_state.transpose(-1, -2) @ dO  # (b, h, n, d_k, d_v): each chunk's read of its start state
+    dS = grad_o.new_zeros(grad_o.shape[0], h, ch.kw.shape[-1], dv_width)
+    ends = [dS] * dO.shape[2]
+    for c in reversed(range(1, dO.shape[2])):
+        dS = read[:, :, c] + ch.decay_state(dS, c) - ch.kw[:, :, c].transpose(-1, -2) @ dS
+        ends[c - 1] = dS
+    du = ch.qk.transpose(-1, -2) @ dO + ch.kend @ torch.stack(ends, dim=2)
+    dv = (ch.inv.transpose(-1, -2) @ du) * ch.beta.unsqueeze(-1)
+    return dv.reshape(grad_o.shape[0], h, -1, dv_width)[:, :, :T].transpose(1, 2)
 
 
 def _implementations(v: torch.Tensor):
@@ -169,7 +191,11 @@ def _implementations(v: torch.Tensor):
 
 class GatedDeltaRuleFn(torch.autograd.Function):
     """Forward: the gated delta rule. Backward: only ``v`` gets a gradient, by the adjoint
-    (reverse) recurrence with ``q``, ``k``, the decays and ``beta`` held constant."""
+    (reverse) recurrence with ``q``, ``k``, the decays and ``beta`` held constant.
+
+    On the torch path the chunk quantities (the inverted triangular systems, ``Q K^T``, ...) are
+    kept from the forward for the backward when they take at most :data:`KEEP_CHUNKS_BYTES`;
+    longer inputs recompute them, so memory stays that of the coefficients."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta):
@@ -177,14 +203,24 @@ class GatedDeltaRuleFn(torch.autograd.Function):
         coefficients = [acc(t).contiguous() for t in (q, k, g, beta)]
         ctx.save_for_backward(*coefficients)
         ctx.v_dtype = v.dtype
+        ctx.chunks = None
         q32, k32, g32, b32 = coefficients
-        return fwd(q32, k32, acc(v), g32, b32)
+        if fwd is not gated_delta_rule_fwd_torch:
+            return fwd(q32, k32, acc(v), g32, b32)
+        chunks = chunk_quantities(q32, k32, g32, b32, v.shape[2])
+        if chunks.nbytes() <= KEEP_CHUNKS_BYTES:
+            ctx.chunks = chunks
+        return fwd(q32, k32, acc(v), g32, b32, chunks=chunks)
 
     @staticmethod
     def backward(ctx, grad_o):
         q, k, g, beta = ctx.saved_tensors
         _, bwd = _implementations(grad_o)
-        dv = bwd(acc(grad_o).contiguous(), q, k, g, beta)
+        if bwd is gated_delta_rule_lrp_bwd_torch:
+            dv = bwd(acc(grad_o).contiguous(), q, k, g, beta, chunks=ctx.chunks)
+        else:
+            dv = bwd(acc(grad_o).contiguous(), q, k, g, beta)
+        ctx.chunks = None
         return None, None, dv.to(ctx.v_dtype), None, None
 
 
