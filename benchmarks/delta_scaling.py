@@ -13,6 +13,8 @@ Methods, interleaved so that drift of a noisy machine hits both alike:
     forward     ``model(ids, use_cache=False)`` under ``torch.no_grad()`` (transformers' torch path)
     explain     ``mambalrp.explain(model, ids)`` (default rules; verdict cached after a first call)
     unverified  ``mambalrp.explain(model, ids, verify=False)``
+    explain_cp  ``mambalrp.explain(model, ids, rules=MAMBALRP.with_attention("cp"))`` (attention
+                weights held constant: the attention layer's backward is one product, not three)
 
 Writes ``benchmarks/results/delta_scaling.{json,md}``.
 """
@@ -71,10 +73,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ids = torch.randint(0, 1024, (1, args.T), generator=torch.Generator().manual_seed(SEED))
     with torch.no_grad():
         model(ids, use_cache=False)  # warm-up
+    cp = mambalrp.MAMBALRP.with_attention("cp")
     first = _timed(lambda: mambalrp.explain(model, ids))  # plan, probe and verdict for this bucket
-    times: dict[str, list[float]] = {"forward": [], "explain": [], "unverified": []}
+    mambalrp.explain(model, ids, rules=cp)
+    times: dict[str, list[float]] = {"forward": [], "explain": [], "unverified": [], "explain_cp": []}
     for r in range(args.repeats):
-        order = ["forward", "explain", "unverified"]
+        order = ["forward", "explain", "unverified", "explain_cp"]
         if r % 2:
             order.reverse()
         for method in order:
@@ -82,6 +86,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 def fn():
                     with torch.no_grad():
                         model(ids, use_cache=False)
+            elif method == "explain_cp":
+                def fn():
+                    mambalrp.explain(model, ids, rules=cp)
             else:
                 def fn(verify=method == "explain"):
                     mambalrp.explain(model, ids, verify=verify)
@@ -100,6 +107,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "median_s": median,
         "ratio_explain_over_forward": median["explain"] / median["forward"],
         "ratio_unverified_over_forward": median["unverified"] / median["forward"],
+        "ratio_explain_cp_over_forward": median["explain_cp"] / median["forward"],
         "relative_conservation_error_attnlrp": (exp.conservation_delta.abs() / exp.logit.abs()).max().item(),
         "machine": machine_info(),
     }
@@ -121,6 +129,7 @@ def write(result: dict[str, Any], stem: str) -> None:
         f"| forward (transformers' torch path, no grad) | {m['forward']:.3f} | 1.00 |",
         f"| explain (verified, verdict cached) | {m['explain']:.3f} | {m['explain'] / m['forward']:.2f} |",
         f"| explain(verify=False) | {m['unverified']:.3f} | {m['unverified'] / m['forward']:.2f} |",
+        f"| explain, CP attention (verified) | {m['explain_cp']:.3f} | {m['explain_cp'] / m['forward']:.2f} |",
         "",
         f"First call (plan, probe and verdict): {result['first_explain_s']:.3f} s. "
         f"Relative conservation error under the default rules (AttnLRP, biases present): "
@@ -137,7 +146,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--T", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="delta_scaling")
     args = parser.parse_args()
     result = run(args)

@@ -16,7 +16,8 @@ All three compute the same layer from differently laid out projections::
 The value path is ``v``'s projection -> conv (linear) -> SiLU (identity rule) -> the recurrence
 with its decays, write strengths, keys and queries held constant (``RuleSet.delta_rule``) ->
 the gated norm (LN-rule, half rule, identity rule) -> the output projection. The query and key
-channels of the conv, ``a`` and ``b`` only shape coefficients and are detached under the SSM rule.
+channels of the conv (computed apart: the conv is depthwise), ``a`` and ``b`` only shape
+coefficients and are detached under the SSM rule.
 """
 
 from __future__ import annotations
@@ -109,12 +110,11 @@ class GatedDeltaNetAdapter(Adapter):
         hk, h, dk, dv = module.num_k_heads, module.num_v_heads, module.head_k_dim, module.head_v_dim
         x = mask_padding(hidden_states, attention_mask)
         qkv, z, beta_in, decay_in = _project(module, x)
-        qkv = ctx.tap(module, "conv", R.conv1d(qkv.transpose(1, 2), module.conv1d.weight, module.conv1d.bias))
-        qkv = R.act(qkv).transpose(1, 2).to(dtype)
-        q, k, v = qkv.split([hk * dk, hk * dk, h * dv], dim=-1)
+        qk, v = split_conv(ctx, module, module.conv1d, qkv, 2 * hk * dk, dtype)
+        q, k = qk.split([hk * dk, hk * dk], dim=-1)
         v = ctx.tap(module, "values", v.reshape(b, T, h, dv))
-        q = _l2norm(R.ssm_coefficient(q).float().reshape(b, T, hk, dk)) * dk**-0.5
-        k = _l2norm(R.ssm_coefficient(k).float().reshape(b, T, hk, dk))
+        q = _l2norm(q.float().reshape(b, T, hk, dk)) * dk**-0.5
+        k = _l2norm(k.float().reshape(b, T, hk, dk))
         beta = R.ssm_coefficient(beta_in).sigmoid()
         if getattr(module, "allow_neg_eigval", False):
             beta = beta * 2.0
@@ -127,6 +127,23 @@ class GatedDeltaNetAdapter(Adapter):
         o = ctx.tap(module, "gate", o.reshape(b, T, h * dv).to(dtype))
         out = module.out_proj if hasattr(module, "out_proj") else module.o_proj
         return ctx.tap(module, "out_proj", out(o))
+
+
+def split_conv(
+    ctx: LRPContext, module: nn.Module, conv: nn.Conv1d, qkv: torch.Tensor, qk_width: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SiLU of the causal depthwise conv of ``concat(q, k, v)`` ``(b, T, width)``, as ``(qk, v)``
+    ``(b, T, .)``. The conv is depthwise, so its query and key channels are computed apart from the
+    value channels: on the coefficient path (detached under the SSM rule), tapped as ``"qk_conv"``;
+    the value channels on the relevance path, tapped as ``"conv"`` (before SiLU)."""
+    R = ctx.rules
+    weight, bias = conv.weight, conv.bias
+    qk_in, v_in = qkv[..., :qk_width], qkv[..., qk_width:]
+    qk_bias, v_bias = (None, None) if bias is None else (bias[:qk_width], bias[qk_width:])
+    qk = R.conv1d(R.ssm_coefficient(qk_in).transpose(1, 2), weight[:qk_width], qk_bias)
+    qk = ctx.tap(module, "qk_conv", R.act(qk).transpose(1, 2).to(dtype))
+    v = ctx.tap(module, "conv", R.conv1d(v_in.transpose(1, 2), weight[qk_width:], v_bias))
+    return qk, R.act(v).transpose(1, 2).to(dtype)
 
 
 def _norm(module: nn.Module) -> nn.Module:

@@ -29,7 +29,7 @@ from mambalrp.adapters.base import (
     has_attrs,
     mask_padding,
 )
-from mambalrp.adapters.gated_deltanet import _l2norm
+from mambalrp.adapters.gated_deltanet import _l2norm, split_conv
 from mambalrp.context import LRPContext
 
 _NAMES = ("q_proj", "k_proj", "v_proj", "conv1d", "forget_gate", "b_proj", "g_a_proj", "g_b_proj", "o_norm", "o_proj")
@@ -80,11 +80,11 @@ class KimiDeltaAttentionAdapter(Adapter):
         h, d = module.num_heads, module.head_dim
         x = mask_padding(hidden_states, attention_mask)
         qkv = torch.cat([module.q_proj(x), module.k_proj(x), module.v_proj(x)], dim=-1)
-        qkv = ctx.tap(module, "conv", R.conv1d(qkv.transpose(1, 2), module.conv1d.weight, module.conv1d.bias))
-        q, k, v = R.act(qkv).transpose(1, 2).to(dtype).split([h * d] * 3, dim=-1)
+        qk, v = split_conv(ctx, module, module.conv1d, qkv, 2 * h * d, dtype)
+        q, k = qk.split([h * d, h * d], dim=-1)
         v = ctx.tap(module, "values", v.reshape(b, T, h, d))
-        q = _l2norm(R.ssm_coefficient(q).float().reshape(b, T, h, d)) * d**-0.5
-        k = _l2norm(R.ssm_coefficient(k).float().reshape(b, T, h, d))
+        q = _l2norm(q.float().reshape(b, T, h, d)) * d**-0.5
+        k = _l2norm(k.float().reshape(b, T, h, d))
         coefficient_input = R.ssm_coefficient(x)
         g = module.forget_gate(coefficient_input).float()  # (b, T, h, d) log decays
         beta = torch.sigmoid(module.b_proj(coefficient_input)).float()
