@@ -179,6 +179,15 @@ class RuleSet:
         """Mamba-2 SSD scan (layout of :mod:`mambalrp.functional.ssd`)."""
         return ops.ssd_scan(x, dt, A, B, C, D, rule="lrp" if self.ssm else "gradient")
 
+    def delta_rule(self, q, k, v, g, beta) -> torch.Tensor:
+        """Gated delta rule (layout of :mod:`mambalrp.functional.delta_rule`): values only under the SSM rule."""
+        return ops.gated_delta_rule(q, k, v, g, beta, rule="lrp" if self.ssm else "gradient")
+
+    def gate_coefficient(self, t: torch.Tensor) -> torch.Tensor:
+        """A gate that scales a signal by a factor computed from another (a sigmoid output gate
+        of attention, a shared expert's gate): held constant, like routing weights."""
+        return t.detach() if self.gate else t
+
     def ssm_coefficient(self, t: torch.Tensor) -> torch.Tensor:
         """Detach a tensor that only feeds the SSM coefficients (dt, B, C) under the SSM rule."""
         return t.detach() if self.ssm else t

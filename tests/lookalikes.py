@@ -6,7 +6,8 @@ adapters match (mamba_ssm's and transformers' Mamba-1 names, transformers' Mamba
 ``*RMSNorm`` classes with ``weight`` and ``eps``), but a :class:`MixerSpec` or a norm name can make
 them compute something else than the computation the names suggest: a non-causal conv, a second
 scan direction with the same weights, another gate or activation, a multiplier, another grouping
-of the gated norm, a hidden step-size clamp, ``(1 + weight)`` scaling.
+of the gated norm, a hidden step-size clamp. (``(1 + weight)`` scaling, once a look-alike, is
+now computed by the zero-centred norm adapter: a standard norm.)
 
 :func:`expected_verdict` says what a faithful library must do with a model:
 
@@ -108,8 +109,10 @@ class ModelSpec:
     batch: int = 1
 
 
-STANDARD_NORMS = ("rms", "my_rms")
-LOOKALIKE_NORMS = ("gemma",)
+# Gemma-style (1 + weight) norms are a standard computation: the zero-centred RMSNorm adapter
+# recognises them by what they compute.
+STANDARD_NORMS = ("rms", "my_rms", "gemma")
+LOOKALIKE_NORMS: tuple[str, ...] = ()
 EITHER_NORMS = ("layernorm",)
 
 

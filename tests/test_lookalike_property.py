@@ -4,7 +4,8 @@ The models (``tests/lookalikes.py``) are built from components that carry the at
 mambalrp's adapters match but may compute something else: a "same"-padded or anti-causal conv,
 a second scan direction with the same weights (announced by a flag or not), a GELU gate or
 activation, an output multiplier, a Mamba-2 norm grouped otherwise than it declares, a hidden
-step-size clamp, a Gemma-style ``(1 + weight)`` RMSNorm, a LayerNorm. The property: for each
+step-size clamp, a LayerNorm; and a Gemma-style ``(1 + weight)`` RMSNorm, which the zero-centred
+norm adapter computes. The property: for each
 model, :func:`mambalrp.explain` either raises :class:`mambalrp.MambaLRPError` or returns a verified
 explanation whose patched forward equals the model's and whose relevance sums to the logit;
 in both cases the model is left bitwise as it was. On top, models that compute something the
@@ -130,8 +131,6 @@ REFUSED = [
     ("activation='gelu'", one_layer(standard("hf1", act_attr="gelu", act_used="gelu")), mambalrp.UnsupportedModelError),
     ("gelu gate", one_layer(standard("hf1", gate="gelu")), mambalrp.MambaLRPError),
     ("no gate", one_layer(standard("ssm1", gate="none")), mambalrp.MambaLRPError),
-    ("Gemma-style block norm", one_layer(standard("ssm1"), norm="gemma"), mambalrp.MambaLRPError),
-    ("Gemma-style final norm", one_layer(standard("hf2"), final="gemma"), mambalrp.MambaLRPError),
     ("out_scale parameter", one_layer(standard("ssm1", extra="out_scale")), mambalrp.UnsupportedModelError),
     ("out_scale buffer", one_layer(standard("hf1", extra="out_scale_buffer")), mambalrp.UnsupportedModelError),
     ("out_scale parameter hf2", one_layer(standard("hf2", extra="out_scale")), mambalrp.UnsupportedModelError),
@@ -171,6 +170,8 @@ STANDARD = [
     ("bidirectional=False", one_layer(standard("ssm1", flag="bidirectional"))),
     ("activation='swish'", one_layer(standard("hf1", act_attr="swish"))),
     ("MyRMSNorm", one_layer(standard("ssm1"), norm="my_rms", final="my_rms")),
+    ("Gemma-style block norm", one_layer(standard("ssm1"), norm="gemma")),
+    ("Gemma-style final norm", one_layer(standard("hf2"), final="gemma")),
     (
         "two layers, batch 2, T 9",
         ModelSpec(d_model=16, layers=(("rms", standard("hf1")), ("my_rms", standard("hf2"))), T=9, batch=2),

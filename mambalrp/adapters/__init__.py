@@ -18,7 +18,17 @@ Built-in adapters, registered at import:
       GraniteMoeHybrid in older transformers releases;
       :class:`~mambalrp.adapters.activations.ActivationAdapter`: activations outside mixers.
     * :class:`~mambalrp.adapters.norms.RMSNormAdapter`: RMSNorms;
-      :class:`~mambalrp.adapters.norms.LayerNormAdapter`: ``torch.nn.LayerNorm``.
+      :class:`~mambalrp.adapters.norms.LayerNormAdapter`: ``torch.nn.LayerNorm``;
+      :class:`~mambalrp.adapters.zero_centred_norm.ZeroCentredRMSNormAdapter`: ``(1 + weight)`` RMSNorms.
+    * :class:`~mambalrp.adapters.gated_deltanet.GatedDeltaNetAdapter`: Gated DeltaNet mixers (Qwen3-Next,
+      Qwen3.5, OLMo-hybrid); :class:`~mambalrp.adapters.gated_attention.GatedAttentionAdapter`: attention
+      with a sigmoid output gate; :class:`~mambalrp.adapters.moe_shared_gate.SharedGateMoEAdapter`: MoE
+      blocks with a gated shared expert.
+    * :class:`~mambalrp.adapters.short_conv.ShortConvAdapter`: LFM2's gated short convolution, with
+      :class:`~mambalrp.adapters.swiglu_mlp.SwiGLUMLPAdapter` and
+      :class:`~mambalrp.adapters.hf_attention_out_proj.HFAttentionOutProjAdapter` around it.
+    * :class:`~mambalrp.adapters.kda.KimiDeltaAttentionAdapter`: Kimi Linear's KDA mixers, with
+      :class:`~mambalrp.adapters.hf_attention_latent.LatentAttentionAdapter` for its MLA layers.
     * :class:`~mambalrp.adapters.norms.LinearAdapter`: ``nn.Linear`` (epsilon / gamma rules only).
 
 See ``docs/adapters.md`` for writing and registering a new one.
@@ -34,7 +44,11 @@ from mambalrp.adapters.base import (
     has_attrs,
     mask_padding,
 )
+from mambalrp.adapters.gated_attention import GatedAttentionAdapter
+from mambalrp.adapters.gated_deltanet import GatedDeltaNetAdapter
 from mambalrp.adapters.hf_attention import HFAttentionAdapter
+from mambalrp.adapters.hf_attention_latent import LatentAttentionAdapter
+from mambalrp.adapters.hf_attention_out_proj import HFAttentionOutProjAdapter
 from mambalrp.adapters.hf_mamba import HFMambaMixerAdapter
 from mambalrp.adapters.hf_mamba2 import HFMamba2MixerAdapter
 from mambalrp.adapters.mamba_ssm_mamba1 import MambaSSMMixerAdapter
@@ -47,11 +61,16 @@ from mambalrp.adapters.mamba_ssm_model import (
 )
 from mambalrp.adapters.mlp import FusedGatedMLPAdapter, GatedMLPAdapter
 from mambalrp.adapters.inline_attention import InlineAttentionAdapter
+from mambalrp.adapters.kda import KimiDeltaAttentionAdapter
 from mambalrp.adapters.moe import ExpertsAdapter
 from mambalrp.adapters.moe_parallel import ParallelExpertsAdapter
 from mambalrp.adapters.moe_router import RouterExpertListAdapter
+from mambalrp.adapters.moe_shared_gate import SharedGateMoEAdapter
+from mambalrp.adapters.short_conv import ShortConvAdapter
+from mambalrp.adapters.swiglu_mlp import SwiGLUMLPAdapter
 from mambalrp.adapters.vim import VimBiMambaAdapter
 from mambalrp.adapters.zamba import ZambaMambaMixerAdapter
+from mambalrp.adapters.zero_centred_norm import ZeroCentredRMSNormAdapter
 from mambalrp.adapters.norms import LayerNormAdapter, LinearAdapter, RMSNormAdapter
 from mambalrp.adapters.registry import (
     find_adapter,
@@ -84,6 +103,18 @@ _BUILTIN = (
     MambaSSMAttentionAdapter(),
     VimBiMambaAdapter(),
     ZambaMambaMixerAdapter(),
+    # Gated delta rules and the layers around them (tried before the general ones above).
+    ZeroCentredRMSNormAdapter(),
+    SharedGateMoEAdapter(),
+    GatedAttentionAdapter(),
+    GatedDeltaNetAdapter(),
+    # LFM2: gated short convolution, w1/w3/w2 MLP, attention with out_proj.
+    SwiGLUMLPAdapter(),
+    HFAttentionOutProjAdapter(),
+    ShortConvAdapter(),
+    # Kimi Linear: KDA (per-channel decays) and multi-head latent attention.
+    LatentAttentionAdapter(),
+    KimiDeltaAttentionAdapter(),
 )
 for _adapter in _BUILTIN:
     register_adapter(_adapter)
@@ -93,12 +124,17 @@ __all__ = [
     "Adapter",
     "ExpertsAdapter",
     "FusedGatedMLPAdapter",
+    "GatedAttentionAdapter",
+    "GatedDeltaNetAdapter",
     "GatedMLPAdapter",
     "HFAttentionAdapter",
+    "HFAttentionOutProjAdapter",
     "HFMamba2MixerAdapter",
     "HFMambaMixerAdapter",
     "InlineAttentionAdapter",
     "LayerNormAdapter",
+    "KimiDeltaAttentionAdapter",
+    "LatentAttentionAdapter",
     "LinearAdapter",
     "MambaSSMAttentionAdapter",
     "MambaSSMBackboneAdapter",
@@ -109,8 +145,12 @@ __all__ = [
     "ParallelExpertsAdapter",
     "RMSNormAdapter",
     "RouterExpertListAdapter",
+    "SharedGateMoEAdapter",
+    "ShortConvAdapter",
+    "SwiGLUMLPAdapter",
     "VimBiMambaAdapter",
     "ZambaMambaMixerAdapter",
+    "ZeroCentredRMSNormAdapter",
     "activation_problem",
     "conv_problem",
     "direction_problem",

@@ -22,6 +22,12 @@ from mambalrp.functional.attention import (
     uniform_matmul,
     uniform_matmul_ref,
 )
+from mambalrp.functional.delta_rule import (
+    GatedDeltaRuleFn,
+    gated_delta_rule,
+    gated_delta_rule_lrp,
+    gated_delta_rule_ref,
+)
 from mambalrp.functional.gate import HalfGateFn, half_gate, half_gate_ref
 from mambalrp.functional.linear import (
     ConvPadding,
@@ -60,6 +66,7 @@ __all__ = [
     "ConvPadding",
     "EpsilonLinearFn",
     "GammaLinearFn",
+    "GatedDeltaRuleFn",
     "HalfGateFn",
     "IdentityRuleFn",
     "LayerNormLRPFn",
@@ -77,6 +84,9 @@ __all__ = [
     "epsilon_linear_ref",
     "gamma_linear",
     "gamma_linear_ref",
+    "gated_delta_rule",
+    "gated_delta_rule_lrp",
+    "gated_delta_rule_ref",
     "gated_rmsnorm",
     "gated_rmsnorm_ref",
     "half_gate",
