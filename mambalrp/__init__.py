@@ -5,15 +5,19 @@ Quick start::
     import mambalrp
     exp = mambalrp.explain(model, input_ids)      # MambaLRP, next-token arg-max logit
     exp.relevance                                  # (batch, seq)
+    gen = mambalrp.explain_generation(model, prompt_ids, max_new_tokens=20)  # every generated token
+    gen.save("gen.mlrp"); same = mambalrp.load("gen.mlrp")
     print(exp.render(tokens=tokenizer.convert_ids_to_tokens(input_ids[0])))
 """
 
 from mambalrp.adapters import Adapter, register_adapter, registered_adapters, supported_families, unregister_adapter
 from mambalrp.check import RuleReport, check_rules
 from mambalrp.context import LRPContext, lrp
-from mambalrp.errors import InputError, MambaLRPError, UnsupportedModelError
+from mambalrp.errors import ExplanationFileError, InputError, MambaLRPError, UnsupportedModelError
 from mambalrp.explain import explain
 from mambalrp.explanation import Explanation
+from mambalrp.generation import explain_generation
+from mambalrp.serialization import load
 from mambalrp.verification import Verification, VerificationError, forget, verify
 from mambalrp.functional.dispatch import use_backend
 from mambalrp.rules import GRADIENT, LN_ONLY, MAMBALRP, LRP0, Epsilon, Gamma, RuleSet, get_rules
@@ -28,6 +32,7 @@ __all__ = [
     "Adapter",
     "Epsilon",
     "Explanation",
+    "ExplanationFileError",
     "Gamma",
     "InputError",
     "LRPContext",
@@ -39,8 +44,10 @@ __all__ = [
     "VerificationError",
     "check_rules",
     "explain",
+    "explain_generation",
     "forget",
     "get_rules",
+    "load",
     "lrp",
     "register_adapter",
     "registered_adapters",

@@ -26,6 +26,7 @@ from mambalrp.inputs import (
 from mambalrp.recompute import recompute_layers
 from mambalrp.rules import RuleSet, get_rules
 from mambalrp.state import autograd_enabled, exclusive, frozen
+from mambalrp.tokens import token_strings
 from mambalrp.verification import ensure_verified
 
 __all__ = ["Target", "explain", "input_embedding"]
@@ -43,6 +44,7 @@ def explain(
     input_layer: nn.Module | None = None,
     recompute: bool | float = False,
     verify: bool = True,
+    tokenizer: Any = None,
 ) -> Explanation:
     """Explain one output of ``model`` per batch item with MambaLRP.
 
@@ -90,6 +92,10 @@ def explain(
             (evenly spaced): memory saved and time added both scale with it.
         verify: Verify the model under the rules first (default). ``False`` skips it; the
             explanation then records ``verified=False``.
+        tokenizer: A Hugging Face tokenizer (``convert_ids_to_tokens``) or a
+            ``tokenizers.Tokenizer`` (``id_to_token``): the explanation keeps the token strings of
+            each row (:attr:`~mambalrp.explanation.Explanation.tokens`), used by ``render``,
+            ``to_pandas`` and ``aggregate("words")``. Not with ``input_layer``.
 
     Returns:
         An :class:`~mambalrp.explanation.Explanation`.
@@ -107,6 +113,10 @@ def explain(
     rule_set = get_rules(rules)
     fraction = _recompute_fraction(recompute)
     check_target(target)
+    if tokenizer is not None:
+        if input_layer is not None:
+            raise InputError("tokenizer is not supported together with input_layer (the inputs are not token ids)")
+        token_strings(tokenizer, [])  # a tokenizer of an unknown kind fails before the model runs
     with exclusive(model), autograd_enabled():
         embedding, ids, mask = resolve_inputs(model, input_ids, attention_mask, input_layer)
         targets, stamp = planned(model, rule_set)  # fail before anything is touched
@@ -152,6 +162,7 @@ def explain(
             rules=rule_set.name,
             hidden_relevance=hidden if return_hidden else None,
             verified=bool(verify),
+            tokens=None if tokenizer is None else [token_strings(tokenizer, row) for row in ids.tolist()],
         )
 
 
