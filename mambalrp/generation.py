@@ -11,9 +11,11 @@ and replica ``j`` explains step ``a + j`` (``explain`` takes one position and on
 cut after the last position its chunk needs. ``k`` is ``steps_per_backward``; memory is that of
 one explanation of ``k`` sequences, so it stays bounded however many tokens are explained.
 
-Generation itself runs on the unpatched model under ``torch.no_grad()``, recomputing the whole
-prefix at each step (no cache: simple, and the same for every model); pass ``continuation=`` to
-explain a continuation produced elsewhere (e.g. by ``model.generate``) or a reference answer.
+Generation itself runs on the unpatched model under ``torch.no_grad()``: through the model's own
+``generate`` and its recurrent cache for Hugging Face models (each token is still chosen here,
+so greedy and seeded sampling do not depend on the transformers release), else by recomputing the
+whole prefix at each step. Pass ``continuation=`` to explain a continuation produced elsewhere or a
+reference answer.
 """
 
 from __future__ import annotations
@@ -291,28 +293,102 @@ def _generate(
     seed: int | None,
     progress: bool | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``count`` tokens from the unpatched model (recomputing the prefix each step), and the
-    ``(count, vocab)`` logits each was chosen from."""
+    """``count`` tokens from the unpatched model, and the ``(count, vocab)`` logits each was
+    chosen from.
+
+    Hugging Face models (``GenerationMixin``) generate through their own ``generate`` with its
+    recurrent cache, one token per step; the choice of each token is made here (a logits
+    processor that records the raw logits and leaves only the chosen token), so greedy and
+    sampled tokens are the same as on the fallback path. Other models recompute the whole prefix
+    at each step.
+    """
     generator = None
     if do_sample:
         generator = torch.Generator(device=prompt.device)
         generator.manual_seed(seed)
-    ids, full = prompt, mask
-    chosen, logits = [], []
-    with frozen(model), torch.no_grad():
-        for _ in progress_bar(range(count), desc="generating", unit="token", progress=progress):
+
+    def choose(last: torch.Tensor) -> torch.Tensor:
+        if not do_sample:
+            return last.argmax()
+        scaled = last / temperature
+        if top_k is not None and top_k < scaled.shape[0]:
+            kth = torch.topk(scaled, top_k).values[-1]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        return torch.multinomial(torch.softmax(scaled, -1), 1, generator=generator)[0]
+
+    chosen: list[torch.Tensor] = []
+    logits: list[torch.Tensor] = []
+    with frozen(model), torch.no_grad(), progress_bar(total=count, desc="generating", unit="token", progress=progress) as bar:
+        if _generate_with_cache(model, prompt, mask, count, choose, chosen, logits, bar):
+            return torch.stack(chosen).to(torch.long), torch.stack(logits)
+        ids, full = prompt, mask
+        for _ in range(count):
             last = _last_logits(model, ids, full, ids.shape[1] - 1)[-1].float()
-            if do_sample:
-                scaled = last / temperature
-                if top_k is not None and top_k < scaled.shape[0]:
-                    kth = torch.topk(scaled, top_k).values[-1]
-                    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-                token = torch.multinomial(torch.softmax(scaled, -1), 1, generator=generator)[0]
-            else:
-                token = last.argmax()
+            token = choose(last)
             chosen.append(token)
             logits.append(last.cpu())
+            bar.update(1)
             ids = torch.cat([ids, token.view(1, 1).to(ids.device)], dim=1)
             if full is not None:
                 full = torch.cat([full, torch.ones((1, 1), dtype=full.dtype, device=full.device)], dim=1)
     return torch.stack(chosen).to(torch.long), torch.stack(logits)
+
+
+def _generate_with_cache(
+    model: nn.Module,
+    prompt: torch.Tensor,
+    mask: torch.Tensor | None,
+    count: int,
+    choose: Any,
+    chosen: list[torch.Tensor],
+    logits: list[torch.Tensor],
+    bar: Any,
+) -> bool:
+    """Generate through a Hugging Face model's ``generate`` (its cache); ``False`` if the model has
+    none or it fails before producing a token (then the caller recomputes)."""
+    try:
+        from transformers import GenerationConfig, GenerationMixin, LogitsProcessor, LogitsProcessorList
+    except ImportError:
+        return False
+    if not isinstance(model, GenerationMixin):
+        return False
+
+    class Choose(LogitsProcessor):
+        """Record the raw logits, choose the token, leave only it for greedy decoding."""
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            last = scores[0].float()
+            token = choose(last)
+            chosen.append(token)
+            logits.append(last.cpu())
+            bar.update(1)
+            forced = torch.full_like(scores, float("-inf"))
+            forced[0, token] = 0.0
+            return forced
+
+    # A bare configuration: no processors or warpers. The model's own end-of-sequence token may
+    # still stop generate() (unset fields come from the model's generation config): then it is
+    # called again on the longer prefix until ``count`` tokens are chosen.
+    ids, full = prompt, mask
+    while len(chosen) < count:
+        before = len(chosen)
+        config = GenerationConfig(
+            max_new_tokens=count - before, min_new_tokens=0, do_sample=False, num_beams=1, pad_token_id=0,
+        )
+        kwargs: dict[str, Any] = {"generation_config": config, "logits_processor": LogitsProcessorList([Choose()])}
+        if full is not None:
+            kwargs["attention_mask"] = full
+        try:
+            out = model.generate(ids, **kwargs)
+        except Exception:  # noqa: BLE001 - any failure before a token is chosen: recompute instead
+            if chosen:
+                raise
+            return False
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        new = torch.stack(chosen[before:]).to(sequences.device) if len(chosen) > before else None
+        if new is None or not torch.equal(sequences[0, ids.shape[1] :], new):
+            raise RuntimeError("generate() did not follow the chosen tokens")  # a processor was skipped
+        ids = sequences[:1]
+        if full is not None:
+            full = torch.cat([full, torch.ones((1, new.shape[0]), dtype=full.dtype, device=full.device)], 1)
+    return True
