@@ -61,7 +61,8 @@ def word_spans(tokens: Sequence[str]) -> list[tuple[int, int]]:
 
     A token starts a new word when it begins with a space marker (``Ġ``, ``▁``) or whitespace, is
     a newline, follows a newline, is a special token (``<s>``, ``<|endoftext|>``, ``[CLS]``, each
-    a word of its own), or is the first token; a WordPiece token starting with ``##`` never does.
+    a word of its own), or is the first token. In WordPiece output (``##`` continuations and no
+    space markers) every token starts a word except those starting with ``##``.
     A token made only of a space marker (byte-level BPE's lone ``Ġ``) joins the word after it.
 
     Args:
@@ -72,11 +73,19 @@ def word_spans(tokens: Sequence[str]) -> list[tuple[int, int]]:
     """
     spans: list[tuple[int, int]] = []
     start = 0
+    # WordPiece marks continuations, not word starts: there, every other token starts a word.
+    wordpiece = any(t.startswith(CONTINUATION_MARKER) and len(t) > 2 for t in tokens) and not any(
+        t.startswith(SPACE_MARKERS) for t in tokens
+    )
     for i, token in enumerate(tokens):
         if i == 0:
             continue
         prev = tokens[i - 1]
         if token.startswith(CONTINUATION_MARKER) and len(token) > len(CONTINUATION_MARKER):
+            continue
+        if wordpiece:
+            spans.append((start, i))
+            start = i
             continue
         special = bool(_SPECIAL.match(token)) or bool(_SPECIAL.match(prev))
         newline = any(m in token for m in NEWLINE_MARKERS) or any(prev.endswith(m) for m in NEWLINE_MARKERS)
