@@ -17,6 +17,7 @@ from mambalrp.inputs import (
     capture_embedding,
     check_model,
     check_target,
+    gather_head_input,
     input_embedding,
     output_tensor,
     positions,
@@ -127,13 +128,16 @@ def explain(
                     model, targets, stamp, embedding, ids, input_layer=input_layer is not None, leaks=rule_set.conserving
                 )
             layers = recompute_layers(model, targets, fraction) if fraction else contextlib.nullcontext()
-            with lrp(model, rule_set, patch_plan=targets), layers, capture_embedding(embedding) as captured:
+            head = gather_head_input(model, pos, ids.shape[1]) if _gather_head(pos) else contextlib.nullcontext([])
+            with lrp(model, rule_set, patch_plan=targets), layers, capture_embedding(embedding) as captured, head as gathered:
                 output, first = call_model(model, ids, mask, keep_from=None if pos is None else int(pos.min()))
                 output = output_tensor(output)
                 if output.dim() == 3:
                     if pos is None:  # input_layer: positions count along the output's sequence
                         pos = positions(position, None, output[..., 0])
                         index = pos.to(output.device)
+                    elif gathered and output.shape[1] == 1:  # the head saw each row's position only
+                        index = torch.zeros_like(pos).to(output.device)
                     else:
                         index = (pos - (ids.shape[1] - output.shape[1])).to(output.device) if first else pos.to(output.device)
                     selected = output[torch.arange(ids.shape[0], device=output.device), index]
@@ -164,6 +168,11 @@ def explain(
             verified=bool(verify),
             tokens=None if tokenizer is None else [token_strings(tokenizer, row) for row in ids.tolist()],
         )
+
+
+def _gather_head(pos: torch.Tensor | None) -> bool:
+    """Whether rows explain different positions (then the head runs on each row's one position)."""
+    return pos is not None and pos.numel() > 1 and bool((pos != pos[0]).any())
 
 
 def _recompute_fraction(recompute: Any) -> float:
