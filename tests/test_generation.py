@@ -197,3 +197,22 @@ def test_hugging_face_models_generate_with_their_cache(prompt, monkeypatch):
     cached = mambalrp.explain_generation(model, prompt, max_new_tokens=4, verify=False)
     assert torch.equal(cached.generated_ids, recomputed.generated_ids)
     assert torch.allclose(cached.step_scores["probability"], recomputed.step_scores["probability"], atol=1e-5)
+
+
+def test_head_runs_on_each_rows_position_only():
+    """Rows explaining different positions: the head sees one position per row, results unchanged."""
+    model = tiny_mamba(12)
+    ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(4)).expand(3, 9)
+    pos = torch.tensor([3, 8, 5])
+    shapes = []
+    handle = model.lm_head.register_forward_hook(lambda m, a, out: shapes.append(tuple(a[0].shape)))
+    try:
+        exp = mambalrp.explain(model, ids, torch.tensor([1, 2, 3]), position=pos, verify=False)
+    finally:
+        handle.remove()
+    assert shapes == [(3, 1, 16)]
+    assert not model.lm_head._forward_pre_hooks  # the gathering hook is gone
+    for r in range(3):
+        ref = mambalrp.explain(model, ids[r : r + 1], r + 1, position=int(pos[r]), verify=False)
+        assert _max_rel_diff(exp.relevance[r], ref.relevance[0], ref.logit) <= 1e-6
+        assert torch.allclose(exp.logit[r], ref.logit[0], atol=1e-6)
