@@ -30,7 +30,10 @@ from mambalrp.state import autograd_enabled, exclusive, frozen
 from mambalrp.tokens import token_strings
 from mambalrp.verification import ensure_verified
 
-__all__ = ["Target", "explain", "input_embedding"]
+__all__ = ["LONG_INPUT", "Target", "explain", "input_embedding"]
+
+LONG_INPUT = 16384
+"""Inputs of this many tokens or more explained with ``recompute`` show a progress bar by default."""
 
 
 def explain(
@@ -46,6 +49,7 @@ def explain(
     recompute: bool | float = False,
     verify: bool = True,
     tokenizer: Any = None,
+    progress: bool | None = None,
 ) -> Explanation:
     """Explain one output of ``model`` per batch item with MambaLRP.
 
@@ -97,6 +101,10 @@ def explain(
             ``tokenizers.Tokenizer`` (``id_to_token``): the explanation keeps the token strings of
             each row (:attr:`~mambalrp.explanation.Explanation.tokens`), used by ``render``,
             ``to_pandas`` and ``aggregate("words")``. Not with ``input_layer``.
+        progress: With ``recompute``, a progress bar over the recomputed layers (forward, then
+            backward). ``None`` (default): shown for inputs of :data:`LONG_INPUT` tokens or more
+            when standard error is a terminal and ``MAMBALRP_PROGRESS`` is not ``0``; ``True`` /
+            ``False`` force it (see :mod:`mambalrp.progress`).
 
     Returns:
         An :class:`~mambalrp.explanation.Explanation`.
@@ -127,7 +135,8 @@ def explain(
                 ensure_verified(
                     model, targets, stamp, embedding, ids, input_layer=input_layer is not None, leaks=rule_set.conserving
                 )
-            layers = recompute_layers(model, targets, fraction) if fraction else contextlib.nullcontext()
+            shown = progress if progress is not None else (None if ids.shape[1] >= LONG_INPUT else False)
+            layers = recompute_layers(model, targets, fraction, shown) if fraction else contextlib.nullcontext()
             head = gather_head_input(model, pos, ids.shape[1]) if _gather_head(pos) else contextlib.nullcontext([])
             with lrp(model, rule_set, patch_plan=targets), layers, capture_embedding(embedding) as captured, head as gathered:
                 output, first = call_model(model, ids, mask, keep_from=None if pos is None else int(pos.min()))

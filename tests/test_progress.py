@@ -62,3 +62,33 @@ def test_generation_progress(monkeypatch):
     err.seek(0)
     mambalrp.explain_generation(model, prompt, max_new_tokens=3, progress=False, verify=False)
     assert "explaining" not in err.getvalue()
+
+
+def test_recompute_progress(monkeypatch):
+    """With recompute, the bar counts each recomputed layer twice (forward, then backward); the
+    relevance is unchanged and the model's forwards are restored."""
+    model = tiny_mamba(42)
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(0))
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    err = Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    plain = mambalrp.explain(model, ids, verify=False)
+    assert err.getvalue() == ""
+    import mambalrp.recompute as recompute
+
+    bars = []
+
+    def recording(*args, **kwargs):
+        bars.append(progress_bar(*args, **kwargs))
+        return bars[-1]
+
+    monkeypatch.setattr(recompute, "progress_bar", recording)
+    shown = mambalrp.explain(model, ids, recompute=True, progress=True, verify=False)
+    assert "layers (forward, recompute)" in err.getvalue()
+    assert bars[0].total == 4 and bars[0].n == 4  # 2 layers, each run in the forward and the backward
+    assert torch.equal(shown.relevance, plain.relevance)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    err.truncate(0)
+    err.seek(0)
+    mambalrp.explain(model, ids, recompute=True, verify=False)  # short input: no bar by default
+    assert err.getvalue() == ""
