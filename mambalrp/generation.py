@@ -150,6 +150,10 @@ def explain_generation(
         if k is None or k < 1:
             raise InputError(f"steps_per_backward must be a positive int or None; got {steps_per_backward!r}")
     vocab = embedding.num_embeddings
+    n = int(new.shape[0]) if new is not None else count
+    alternatives = _check_contrast(contrast, n, vocab, prompt.device)
+    if tokenizer is not None:
+        token_strings(tokenizer, [])  # a tokenizer of an unknown kind fails before the model runs
 
     meta: dict[str, Any]
     with exclusive(model):
@@ -166,8 +170,6 @@ def explain_generation(
         else:
             step_logits = _teacher_forced_logits(model, prompt, mask, new)
             meta = {"mode": "teacher-forced", "temperature": None, "top_k": None, "seed": None}
-        n = int(new.shape[0])
-        alternatives = _check_contrast(contrast, n, vocab, prompt.device)
         sequence = torch.cat([prompt, new[None].to(prompt.device)], dim=1)
         full_mask = None if mask is None else torch.cat([mask, torch.ones((1, n), dtype=mask.dtype, device=mask.device)], 1)
         p = prompt.shape[1]
