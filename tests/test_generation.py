@@ -216,3 +216,18 @@ def test_head_runs_on_each_rows_position_only():
         ref = mambalrp.explain(model, ids[r : r + 1], r + 1, position=int(pos[r]), verify=False)
         assert _max_rel_diff(exp.relevance[r], ref.relevance[0], ref.logit) <= 1e-6
         assert torch.allclose(exp.logit[r], ref.logit[0], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_benchmark_script_quick(tmp_path):
+    """benchmarks/generation.py --quick writes its JSON and table, with equal numbers."""
+    import json
+
+    from benchmarks.generation import main
+
+    payload = main(["--quick", "--name", str(tmp_path / "generation_quick")])
+    saved = json.loads((tmp_path / "generation_quick.json").read_text())
+    assert saved["config"]["seed"] == 0 and "torch" in saved["machine"]
+    assert (tmp_path / "generation_quick.md").read_text().startswith("| model |")
+    for result in payload["results"]:
+        assert result["max_rel_diff"] <= 1e-5
