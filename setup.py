@@ -15,7 +15,7 @@ setup(
     package_data={"mambalrp": ["assets/zoo/*/*"]},
     # The ranges tested: torch 2.13 (CPU) and 2.11 (GPU); transformers 4.52.4, 4.57.6 and 5.24.0 in
     # the version matrix (noxfile.py, `make test-matrix`), 5.12.1 and 5.17.0 by hand.
-    install_requires=["torch>=2.11,<2.14", "numpy>=1.24"],
+    install_requires=["torch>=2.11,<2.14", "numpy>=1.24", "tqdm>=4.60", "safetensors>=0.4"],
     extras_require={
         "transformers": ["transformers>=4.52,<5.25"],
         "triton": ["triton>=3.0"],

@@ -13,3 +13,8 @@ class UnsupportedModelError(MambaLRPError, TypeError):
 
 class InputError(MambaLRPError, ValueError):
     """``input_ids``, ``attention_mask``, ``position`` or ``target`` is invalid."""
+
+
+class ExplanationFileError(MambaLRPError, ValueError):
+    """A file given to :func:`mambalrp.load` is not a saved explanation, or was written in a
+    format version this release does not read."""

@@ -17,6 +17,7 @@ from mambalrp.inputs import (
     capture_embedding,
     check_model,
     check_target,
+    gather_head_input,
     input_embedding,
     output_tensor,
     positions,
@@ -26,9 +27,13 @@ from mambalrp.inputs import (
 from mambalrp.recompute import recompute_layers
 from mambalrp.rules import RuleSet, get_rules
 from mambalrp.state import autograd_enabled, exclusive, frozen
+from mambalrp.tokens import token_strings
 from mambalrp.verification import ensure_verified
 
-__all__ = ["Target", "explain", "input_embedding"]
+__all__ = ["LONG_INPUT", "Target", "explain", "input_embedding"]
+
+LONG_INPUT = 16384
+"""Inputs of this many tokens or more explained with ``recompute`` show a progress bar by default."""
 
 
 def explain(
@@ -43,6 +48,8 @@ def explain(
     input_layer: nn.Module | None = None,
     recompute: bool | float = False,
     verify: bool = True,
+    tokenizer: Any = None,
+    progress: bool | None = None,
 ) -> Explanation:
     """Explain one output of ``model`` per batch item with MambaLRP.
 
@@ -90,6 +97,14 @@ def explain(
             (evenly spaced): memory saved and time added both scale with it.
         verify: Verify the model under the rules first (default). ``False`` skips it; the
             explanation then records ``verified=False``.
+        tokenizer: A Hugging Face tokenizer (``convert_ids_to_tokens``) or a
+            ``tokenizers.Tokenizer`` (``id_to_token``): the explanation keeps the token strings of
+            each row (:attr:`~mambalrp.explanation.Explanation.tokens`), used by ``render``,
+            ``to_pandas`` and ``aggregate("words")``. Not with ``input_layer``.
+        progress: With ``recompute``, a progress bar over the recomputed layers (forward, then
+            backward). ``None`` (default): shown for inputs of :data:`LONG_INPUT` tokens or more
+            when standard error is a terminal and ``MAMBALRP_PROGRESS`` is not ``0``; ``True`` /
+            ``False`` force it (see :mod:`mambalrp.progress`).
 
     Returns:
         An :class:`~mambalrp.explanation.Explanation`.
@@ -107,6 +122,10 @@ def explain(
     rule_set = get_rules(rules)
     fraction = _recompute_fraction(recompute)
     check_target(target)
+    if tokenizer is not None:
+        if input_layer is not None:
+            raise InputError("tokenizer is not supported together with input_layer (the inputs are not token ids)")
+        token_strings(tokenizer, [])  # a tokenizer of an unknown kind fails before the model runs
     with exclusive(model), autograd_enabled():
         embedding, ids, mask = resolve_inputs(model, input_ids, attention_mask, input_layer)
         targets, stamp = planned(model, rule_set)  # fail before anything is touched
@@ -116,14 +135,18 @@ def explain(
                 ensure_verified(
                     model, targets, stamp, embedding, ids, input_layer=input_layer is not None, leaks=rule_set.conserving
                 )
-            layers = recompute_layers(model, targets, fraction) if fraction else contextlib.nullcontext()
-            with lrp(model, rule_set, patch_plan=targets), layers, capture_embedding(embedding) as captured:
+            shown = progress if progress is not None else (None if ids.shape[1] >= LONG_INPUT else False)
+            layers = recompute_layers(model, targets, fraction, shown) if fraction else contextlib.nullcontext()
+            head = gather_head_input(model, pos, ids.shape[1]) if _gather_head(pos) else contextlib.nullcontext([])
+            with lrp(model, rule_set, patch_plan=targets), layers, capture_embedding(embedding) as captured, head as gathered:
                 output, first = call_model(model, ids, mask, keep_from=None if pos is None else int(pos.min()))
                 output = output_tensor(output)
                 if output.dim() == 3:
                     if pos is None:  # input_layer: positions count along the output's sequence
                         pos = positions(position, None, output[..., 0])
                         index = pos.to(output.device)
+                    elif gathered and output.shape[1] == 1:  # the head saw each row's position only
+                        index = torch.zeros_like(pos).to(output.device)
                     else:
                         index = (pos - (ids.shape[1] - output.shape[1])).to(output.device) if first else pos.to(output.device)
                     selected = output[torch.arange(ids.shape[0], device=output.device), index]
@@ -152,7 +175,13 @@ def explain(
             rules=rule_set.name,
             hidden_relevance=hidden if return_hidden else None,
             verified=bool(verify),
+            tokens=None if tokenizer is None else [token_strings(tokenizer, row) for row in ids.tolist()],
         )
+
+
+def _gather_head(pos: torch.Tensor | None) -> bool:
+    """Whether rows explain different positions (then the head runs on each row's one position)."""
+    return pos is not None and pos.numel() > 1 and bool((pos != pos[0]).any())
 
 
 def _recompute_fraction(recompute: Any) -> float:

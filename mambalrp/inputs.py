@@ -301,3 +301,52 @@ def capture_embedding(embedding: nn.Module) -> Iterator[list[torch.Tensor]]:
         yield captured
     finally:
         handle.remove()
+
+
+@contextlib.contextmanager
+def gather_head_input(model: nn.Module, positions: torch.Tensor | None, length: int) -> Iterator[list[bool]]:
+    """Feed the model's output head only each row's explained position.
+
+    A causal LM computes its head (``(d_model, vocab)``) at every kept position; when rows
+    explain different positions (several steps of a generation in one batch), that is ``rows x
+    rows`` head outputs and their gradients for ``rows`` needed ones. Inside the block a forward
+    pre-hook on ``get_output_embeddings()`` (an ``nn.Linear``) selects, from a ``(batch, kept,
+    d_model)`` input, each row's position, so the head runs on ``(batch, 1, d_model)``. The hook is
+    removed on exit. The yielded list holds ``True`` once the head ran on the selected rows
+    (the output's sequence dimension is then 1 and index 0 is each row's position); anything
+    else (another input shape, no such head) is left untouched.
+
+    Args:
+        model: The model.
+        positions: ``(batch,)`` explained positions, or ``None`` (nothing is done).
+        length: Sequence length of the input ids.
+    """
+    done: list[bool] = []
+    getter = getattr(model, "get_output_embeddings", None)
+    head = None
+    if positions is not None and callable(getter):
+        with contextlib.suppress(NotImplementedError, AttributeError):
+            head = getter()
+    if not isinstance(head, nn.Linear):
+        yield done
+        return
+
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if done or not args or not isinstance(args[0], torch.Tensor) or args[0].dim() != 3:
+            return None
+        hidden = args[0]
+        batch, kept = hidden.shape[0], hidden.shape[1]
+        if batch != positions.shape[0] or not 0 < kept <= length:
+            return None
+        index = (positions - (length - kept)).to(hidden.device)
+        if bool(((index < 0) | (index >= kept)).any()):
+            return None
+        done.append(True)
+        rows = torch.arange(batch, device=hidden.device)
+        return (hidden[rows, index][:, None], *args[1:])
+
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        yield done
+    finally:
+        handle.remove()

@@ -20,6 +20,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from mambalrp.context import patched_forwards
+from mambalrp.progress import progress_bar
 
 # Roles of the patched modules whose enclosing layer is recomputed.
 _LAYER_ROLES = ("mixer", "attention")
@@ -70,9 +71,23 @@ def _checkpointed(forward: Any, *args: Any, **kwargs: Any) -> Any:
     return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
+def _counted(forward: Any, bar: Any) -> Any:
+    """``forward`` that advances ``bar`` by one on every call (the forward, then the recomputation
+    in the backward pass)."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        bar.update(1)  # first: the recomputation stops as soon as it has what the backward needs
+        return forward(*args, **kwargs)
+
+    return run
+
+
 @contextlib.contextmanager
 def recompute_layers(
-    model: nn.Module, targets: list[tuple[str, nn.Module, object]], fraction: float = 1.0
+    model: nn.Module,
+    targets: list[tuple[str, nn.Module, object]],
+    fraction: float = 1.0,
+    progress: bool | None = False,
 ) -> Iterator[list[str]]:
     """Inside the block, the layers found by :func:`layers_to_recompute` (all of them, or an evenly
     spaced ``fraction``) run under ``torch.utils.checkpoint`` (non-reentrant); on exit each gets
@@ -85,12 +100,16 @@ def recompute_layers(
         targets: The patch plan, as returned by :func:`mambalrp.context.plan`.
         fraction: Share of the layers to recompute, in ``(0, 1]``: memory and the extra time
             both scale with it.
+        progress: Show a progress bar over the recomputed layers' forwards (once in the forward
+            pass, once more in the backward pass); see :mod:`mambalrp.progress`. Off by default.
 
     Yields:
         The qualified names of the recomputed layers.
     """
     layers = spread(layers_to_recompute(model, targets), fraction)
-    with patched_forwards() as patch:
+    with progress_bar(total=2 * len(layers), desc="layers (forward, recompute)", unit="layer", progress=progress) as bar, \
+            patched_forwards() as patch:
         for _, module in layers:
-            patch(module, functools.partial(_checkpointed, module.forward))
+            forward = _counted(module.forward, bar) if not bar.disable else module.forward
+            patch(module, functools.partial(_checkpointed, forward))
         yield [name for name, _ in layers]

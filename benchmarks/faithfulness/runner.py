@@ -18,6 +18,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,8 @@ from benchmarks.common import RESULTS, machine_info
 from benchmarks.faithfulness import methods as M
 from benchmarks.faithfulness import metrics
 from benchmarks.faithfulness.tasks import Task, load_task, task_names
+from mambalrp.progress import ENV_VAR as PROGRESS_ENV
+from mambalrp.progress import progress_bar, progress_enabled
 from mambalrp.rules import GRADIENT, LN_ONLY, MAMBALRP
 from mambalrp.testing import zero_biases
 
@@ -45,7 +48,9 @@ PLOTTED = ("random", "saliency", "gradient_x_input", "smoothgrad_x_input", "inte
 
 
 def _progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """A status line on standard error, when progress output is on (see :mod:`mambalrp.progress`)."""
+    if progress_enabled():
+        print(msg, file=sys.stderr, flush=True)
 
 
 def run_task(task: Task, methods: dict[str, M.Method], batch_size: int, steps: int) -> dict[str, Any]:
@@ -77,7 +82,7 @@ def run_task(task: Task, methods: dict[str, M.Method], batch_size: int, steps: i
         f"{setting}/{rules}": {"sum": [], "logit": []}
         for setting in ("as_trained", "biases_zeroed") for rules in CONSERVATION_RULES
     }
-    done, t_start = 0, time.perf_counter()
+    bar = progress_bar(total=n_total, desc=task.name, unit="example")
     try:
         for chunk, ids, evidence in task.batches(batch_size):
             with torch.no_grad():
@@ -103,12 +108,10 @@ def run_task(task: Task, methods: dict[str, M.Method], batch_size: int, steps: i
                     e = mambalrp.explain(net, ids, target, rules=rule_set)
                     cons[f"{setting}/{rules}"]["sum"].extend(e.relevance.sum(-1).tolist())
                     cons[f"{setting}/{rules}"]["logit"].extend(e.logit.tolist())
-            done += len(chunk)
-            elapsed = time.perf_counter() - t_start
-            eta = elapsed / done * (n_total - done)
-            _progress(f"  [{task.name}] {done}/{n_total} examples  T={ids.shape[1]}  "
-                      f"elapsed {elapsed:.0f}s  eta {eta:.0f}s")
+            bar.set_postfix(T=ids.shape[1], refresh=False)
+            bar.update(len(chunk))
     finally:
+        bar.close()
         for p, flag in flags:
             p.requires_grad_(flag)
 
@@ -347,10 +350,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--jobs", type=int, default=2, help="tasks run in parallel processes")
     parser.add_argument("--out", type=Path, default=RESULTS, help="output directory")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars or status lines (also MAMBALRP_PROGRESS=0; they are off when "
+                             "standard error is not a terminal)")
     parser.add_argument("--update", action="store_true",
                         help="keep the other tasks of an existing results file in --out (each task records "
                              "the configuration and commit it ran with)")
     args = parser.parse_args(argv)
+    if args.no_progress:
+        os.environ[PROGRESS_ENV] = "0"  # inherited by the task processes
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

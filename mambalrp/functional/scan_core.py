@@ -10,7 +10,10 @@ from __future__ import annotations
 import torch
 
 # Elements of one (batch, d_inner, chunk, d_state) working tensor; bounds per-chunk memory.
-CHUNK_ELEMENTS = 1 << 22
+# 2**18 (1 MiB in float32) keeps the per-chunk tensors in cache: a batch of 16 x 79 tokens of the
+# zoo's lm-mamba1 is explained 1.5-1.8x faster than with 2**22, the mamba-130m shape at batch 1 is
+# unchanged (GEMM-bound), and chunking does not change the result.
+CHUNK_ELEMENTS = 1 << 18
 
 
 def chunk_length(batch: int, channels: int, state: int, max_len: int = 256, min_len: int = 16) -> int:
