@@ -258,6 +258,149 @@ class Explanation:
                 keep = [k and j < visible for j, k in enumerate(keep)]
         return count, keep, strings
 
+    # ----------------------------------------------------------------------------------- pictures
+
+    def heatmap_rows(self, decode: Callable[[int], str] | None = None) -> tuple[list[list[str]], list[list[float]], list[str]]:
+        """The rows a heatmap shows: per explained row, the visible tokens (or groups), their
+        relevance and a label (the target, or the generated token of the step).
+
+        Padding and, for a generation, the positions a step could not see are left out.
+        """
+        rows, values, labels = [], [], []
+        for i in range(len(self)):
+            r = 0 if self.kind == "generation" else i
+            toks = self.tokens[r] if self.tokens is not None else None
+            columns, keep, strings = self._columns(r, toks, decode, i)
+            rel = self.relevance[i].tolist()[:columns]
+            rows.append([t for t, k in zip(strings, keep) if k])
+            values.append([v for v, k in zip(rel, keep) if k])
+            if self.kind == "generation":
+                pos = int(self.position[i]) + 1
+                name = self.tokens[0][pos] if self.tokens is not None and self.spans is None else str(int(self.target[i]))
+                labels.append(f"step {i + 1}: {name}")
+            elif self.target is not None:
+                labels.append(f"target {int(self.target[i])}")
+            else:
+                labels.append(f"row {i}")
+        return rows, values, labels
+
+    def _caption(self) -> str:
+        delta = self.conservation_delta.abs().max().item() if len(self) else 0.0
+        return (
+            f"mambalrp, rules {self.rules}, {'verified' if self.verified else 'not verified'}; "
+            f"relevance sums to the explained logit up to max |delta| = {delta:.3g} (absorbed by biases)"
+        )
+
+    def to_html(
+        self,
+        path: str | Any | None = None,
+        *,
+        normalization: str = "row",
+        title: str = "",
+        decode: Callable[[int], str] | None = None,
+    ) -> str:
+        """Render the relevance as one self-contained HTML page (no network): a legend with the
+        colour scale and the normalisation, the value of each token on hover.
+
+        Args:
+            path: Where to write the page; ``None`` only returns it.
+            normalization: ``"row"`` (each row by its own max |R|), ``"global"`` or ``"none"``.
+            title: Heading of the page.
+            decode: Maps an id to a string when the explanation holds no token strings.
+
+        Returns:
+            The page's text.
+        """
+        from mambalrp import visualize
+
+        rows, values, labels = self.heatmap_rows(decode)
+        page = visualize.html_document(
+            rows, values, row_labels=labels, title=title or self._title(), normalization=normalization, caption=self._caption()
+        )
+        if path is not None:
+            from pathlib import Path
+
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(page, encoding="utf-8")
+        return page
+
+    def _repr_html_(self) -> str:
+        """The heatmap as embeddable HTML, for notebooks."""
+        from mambalrp import visualize
+
+        rows, values, labels = self.heatmap_rows()
+        return visualize.html_fragment(rows, values, row_labels=labels, title=self._title(), caption=self._caption())
+
+    def _title(self) -> str:
+        return "relevance of each generated token" if self.kind == "generation" else "relevance"
+
+    def show(self, *, color: bool | None = None) -> None:
+        """Show the explanation: HTML in a notebook (IPython kernel), coloured text in a terminal
+        (plain ``token[+0.12]`` text when output is not a terminal or ``color=False``)."""
+        import sys
+
+        get_ipython = getattr(sys.modules.get("IPython"), "get_ipython", None)
+        kernel = get_ipython is not None and getattr(get_ipython(), "kernel", None) is not None
+        if kernel:
+            from IPython.display import HTML, display
+
+            display(HTML(self._repr_html_()))
+            return
+        if color is None:
+            color = sys.stdout.isatty()
+        print(self.render(color=color))
+
+    def plot(self, *, normalization: str = "row", title: str = "", ax: Any = None, wrap: int = 20) -> Any:
+        """Draw the relevance with matplotlib: a matrix for a generation (rows: generated tokens,
+        columns: prompt and generated tokens, unseen positions grey), a text heatmap per row
+        otherwise. Save it with ``fig.savefig("x.pdf")`` (PNG, PDF, SVG).
+
+        Args:
+            normalization: ``"row"``, ``"global"`` or ``"none"``.
+            title: Title of the figure.
+            ax: Axes to draw into (a generation, or a single row); default: a new figure.
+            wrap: Tokens per line of a text heatmap.
+
+        Returns:
+            The ``matplotlib.figure.Figure``.
+        """
+        import numpy as np
+
+        from mambalrp import visualize
+
+        if self.kind == "generation":
+            r = 0
+            columns, _, strings = self._columns(r, self.tokens[0] if self.tokens is not None else None, None, 0)
+            matrix = self.relevance[:, :columns].detach().double().cpu().numpy().copy()
+            for i in range(len(self)):
+                _, keep, _ = self._columns(r, strings, None, i)
+                matrix[i, [j for j, k in enumerate(keep) if not k]] = np.nan
+            _, _, labels = self.heatmap_rows()
+            row_labels = [label.split(": ", 1)[1] for label in labels]
+            return visualize.plot_matrix(
+                matrix, row_labels=row_labels, col_labels=strings, ax=ax, title=title or self._title(), normalization=normalization
+            )
+        rows, values, labels = self.heatmap_rows()
+        if len(rows) == 1 or ax is not None:
+            if len(rows) != 1:
+                raise ValueError(f"ax= draws one row; this explanation has {len(rows)} (plot exp[i])")
+            return visualize.plot_sequence(rows[0], values[0], ax=ax, normalization=normalization, title=title or labels[0], wrap=wrap)
+        from matplotlib.figure import Figure
+
+        from mambalrp.visualize import display_token
+
+        lines = [max(1, -(-len(r) // wrap)) for r in rows]
+        width = max(
+            sum(len(display_token(str(t))) + 1.0 for t in r[i : i + wrap]) for r in rows for i in range(0, max(len(r), 1), wrap)
+        )
+        fig = Figure(figsize=(min(max(4.0, 0.12 * width + 0.6), 16.0), sum(1.3 + 0.4 * n for n in lines)), layout="constrained")
+        axes = fig.subplots(len(rows), 1, gridspec_kw={"height_ratios": [1.3 + 0.4 * n for n in lines]})
+        for axis, toks, vals, label in zip(axes, rows, values, labels):
+            visualize.plot_sequence(toks, vals, ax=axis, normalization=normalization, title=label, wrap=wrap, line_width=width)
+        if title:
+            fig.suptitle(title)
+        return fig
+
     def __repr__(self) -> str:
         rows, cols = self.relevance.shape
         delta = self.conservation_delta.abs().max().item() if rows else 0.0

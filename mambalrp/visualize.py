@@ -325,6 +325,7 @@ def plot_sequence(
     normalization: str = "row",
     title: str = "",
     wrap: int = 20,
+    line_width: float | None = None,
 ):
     """Draw one token sequence as a text heatmap: each token a coloured cell, lines wrapped.
 
@@ -335,6 +336,8 @@ def plot_sequence(
         normalization: ``"row"``, ``"global"`` (the same for one sequence) or ``"none"``.
         title: Axes title.
         wrap: Tokens per line.
+        line_width: Width of a line in characters to lay the cells out against (default: this
+            sequence's longest line); give several rows the same value to draw them at one scale.
 
     Returns:
         The ``matplotlib.figure.Figure`` (save it with ``fig.savefig("x.pdf")``: PNG, PDF, SVG).
@@ -360,7 +363,8 @@ def plot_sequence(
     shown = [display_token(str(t)) for t in tokens]
     lines = [list(range(i, min(i + wrap, len(shown)))) for i in range(0, max(len(shown), 1), wrap)]
     widths = [max(len(s), 1) + 1.0 for s in shown]  # in character units, one for the gap
-    line_width = max((sum(widths[j] for j in line) for line in lines), default=1.0)
+    longest = max((sum(widths[j] for j in line) for line in lines), default=1.0)
+    line_width = max(longest, line_width or 0.0)
     base = float(matplotlib.rcParams["font.size"])
     if ax is None:  # about 0.6 em a character, a little room around each
         fig = Figure(figsize=(min(max(2.5, 0.011 * base * line_width + 0.4), 16.0), 1.25 + 0.032 * base * len(lines)), layout="constrained")

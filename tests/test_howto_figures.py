@@ -52,13 +52,15 @@ def test_page_runs_and_writes_its_figures(tmp_path, monkeypatch, shown):
     monkeypatch.chdir(tmp_path)
     ns: dict = {"__name__": "howto"}
     blocks = code_blocks(PAGE.read_text())
-    assert len(blocks) == 6 and sum(NEEDS_GENERATION in b for b in blocks) == 1
+    assert len(blocks) == 7 and sum(NEEDS_GENERATION in b for b in blocks) == 1
     generation = hasattr(mambalrp, "explain_generation")
     for i, block in enumerate(blocks):
         if NEEDS_GENERATION in block and not generation:
             continue
         exec(compile(block, f"{PAGE.name}[block {i}]", "exec"), ns)
 
+    # Section 0: the explanation's own figure and page.
+    assert (tmp_path / "quick.png").read_bytes().startswith(b"\x89PNG") and "witty" in (tmp_path / "quick.html").read_text()
     # The PNG of section 1: 300 dpi of the figure's size.
     png = tmp_path / "sentence.png"
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
