@@ -6,6 +6,8 @@ Built-in adapters, registered at import:
     * :class:`~mambalrp.adapters.mamba_ssm_mamba1.MambaSSMMixerAdapter`: mamba_ssm Mamba-1 mixers.
     * :class:`~mambalrp.adapters.mamba_ssm_mamba2.MambaSSMMamba2Adapter`: mamba_ssm Mamba-2 mixers,
       and the layers around them in ``mamba_ssm_model`` (Block, MixerModel, GatedMLP, MHA).
+    * :class:`~mambalrp.adapters.mamba_ssm_mamba3.MambaSSMMamba3Adapter`: mamba_ssm Mamba-3 mixers
+      (SISO and MIMO).
     * :class:`~mambalrp.adapters.vim.VimBiMambaAdapter`: Vision Mamba bidirectional mixers.
     * :class:`~mambalrp.adapters.hf_attention.HFAttentionAdapter`: attention layers of hybrids;
       :class:`~mambalrp.adapters.inline_attention.InlineAttentionAdapter`: attention computed
@@ -37,6 +39,7 @@ from mambalrp.adapters.hf_mamba import HFMambaMixerAdapter
 from mambalrp.adapters.hf_mamba2 import HFMamba2MixerAdapter
 from mambalrp.adapters.mamba_ssm_mamba1 import MambaSSMMixerAdapter
 from mambalrp.adapters.mamba_ssm_mamba2 import MambaSSMMamba2Adapter
+from mambalrp.adapters.mamba_ssm_mamba3 import MambaSSMMamba3Adapter
 from mambalrp.adapters.mamba_ssm_model import (
     MambaSSMAttentionAdapter,
     MambaSSMBackboneAdapter,
@@ -74,6 +77,7 @@ _BUILTIN = (
     HFMamba2MixerAdapter(),
     MambaSSMMixerAdapter(),
     MambaSSMMamba2Adapter(),
+    MambaSSMMamba3Adapter(),
     MambaSSMBlockAdapter(),
     MambaSSMBackboneAdapter(),
     MambaSSMGatedMLPAdapter(),
@@ -99,6 +103,7 @@ __all__ = [
     "MambaSSMBlockAdapter",
     "MambaSSMGatedMLPAdapter",
     "MambaSSMMamba2Adapter",
+    "MambaSSMMamba3Adapter",
     "MambaSSMMixerAdapter",
     "ParallelExpertsAdapter",
     "RMSNormAdapter",

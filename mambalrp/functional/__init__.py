@@ -32,6 +32,12 @@ from mambalrp.functional.linear import (
     gamma_linear,
     gamma_linear_ref,
 )
+from mambalrp.functional.mamba3 import (
+    Mamba3ScanLRPFn,
+    mamba3_scan,
+    mamba3_scan_lrp,
+    mamba3_scan_ref,
+)
 from mambalrp.functional.norm import (
     RMSNormLRPFn,
     gated_rmsnorm,
@@ -54,6 +60,7 @@ __all__ = [
     "GammaLinearFn",
     "HalfGateFn",
     "IdentityRuleFn",
+    "Mamba3ScanLRPFn",
     "RMSNormLRPFn",
     "SSDScanLRPFn",
     "SelectiveScanLRPFn",
@@ -72,6 +79,9 @@ __all__ = [
     "half_gate_ref",
     "identity_rule",
     "identity_rule_ref",
+    "mamba3_scan",
+    "mamba3_scan_lrp",
+    "mamba3_scan_ref",
     "rmsnorm",
     "rmsnorm_lrp",
     "rmsnorm_lrp_ref",

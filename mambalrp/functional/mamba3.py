@@ -1,0 +1,270 @@
+"""Mamba-3 scan: per-token scalar decays, a two-term (trapezoidal) input, optional MIMO ranks.
+
+Forward, per head ``h`` with state ``(p, n)`` and ranks ``r = 1..R`` (``R = 1``: SISO)::
+
+    alpha_t = exp(dt_t * A_t)
+    H_t = alpha_t * H_{t-1}
+          + (1 - trap_t) * dt_t * alpha_t * sum_r x_{t-1,r} outer B_{t-1,r}     (previous token)
+          + trap_t * dt_t * sum_r x_{t,r} outer B_{t,r}                          (current token)
+    y_{t,r} = H_t C_{t,r} + D_h * x_{t,r}
+
+This is the exponential-trapezoidal recurrence of mamba_ssm's ``Mamba3`` once its coefficients are
+computed: ``A_t`` depends on the token, ``trap_t`` is the mixing factor after the sigmoid, and
+``B`` and ``C`` are the normed, biased and rotated matrices (the rotation and the biases are the
+caller's business: they only shape coefficients). ``x`` is the value; for MIMO it is already
+scaled per rank.
+
+The rule holds ``dt``, ``A``, ``trap``, ``B`` and ``C`` constant; ``y`` is then linear in ``x`` and
+the rule's backward is the adjoint (reverse) scan, so ``sum(x * dx) == sum(y * g)``: relevance is
+conserved through the scan, the skip ``D`` included (it is part of the same linear map).
+
+Both directions run chunk by chunk (the SSD form): inside a chunk of ``L`` steps an ``(L, L)``
+decay matrix per head and rank pair, between chunks one ``(p, n)`` state per head. The previous-
+token term folds into per-token weights: a token ``s`` enters later outputs with weight
+``w_s = trap_s dt_s + (1 - trap_{s+1}) dt_{s+1}`` and its own output with ``trap_s dt_s``. Nothing
+of size ``(batch, d, T, n)`` is formed.
+
+Layout: ``x: (b, T, h, p)`` (SISO) or ``(b, T, R, h, p)`` (MIMO); ``dt, A, trap: (b, T, h)``;
+``B, C: (b, T, g, n)`` or ``(b, T, R, g, n)`` with ``h`` a multiple of ``g``; ``D: (h,)``,
+``(h, p)`` or ``None``. Computation in float32 (float64 stays float64); output shaped like ``x``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from mambalrp.functional import dispatch
+from mambalrp.functional.scan_core import acc
+
+DEFAULT_CHUNK = 64
+
+
+def check_shapes(x, dt, A, trap, B, C, D) -> None:
+    """Raise ``ValueError`` naming the first argument whose shape does not fit the layout."""
+    if x.dim() not in (4, 5):
+        raise ValueError(f"x must be (batch, T, heads, head_dim) or (batch, T, rank, heads, head_dim); got {tuple(x.shape)}")
+    b, T = x.shape[:2]
+    h = x.shape[-2]
+    for name, t in (("dt", dt), ("A", A), ("trap", trap)):
+        if tuple(t.shape) != (b, T, h):
+            raise ValueError(f"{name} must be (batch, T, heads) = {(b, T, h)}; got {tuple(t.shape)}")
+    for name, t in (("B", B), ("C", C)):
+        if t.dim() != x.dim() or t.shape[:-2] != x.shape[:-2] or h % t.shape[-2]:
+            lead = "(batch, T, groups, d_state)" if x.dim() == 4 else "(batch, T, rank, groups, d_state)"
+            raise ValueError(f"{name} must be {lead} like x, with heads % groups == 0; got {tuple(t.shape)}")
+    if B.shape[-1] != C.shape[-1]:
+        raise ValueError(f"B and C must have the same d_state; got {B.shape[-1]} and {C.shape[-1]}")
+    if D is not None and D.shape not in ((h,), (h, x.shape[-1])):
+        raise ValueError(f"D must be (heads,) or (heads, head_dim); got {tuple(D.shape)}")
+
+
+def _ranked(t: torch.Tensor | None, mimo: bool) -> torch.Tensor | None:
+    return t if t is None or mimo else t.unsqueeze(2)
+
+
+def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    groups = t.shape[-2]
+    return t if groups == heads else t.repeat_interleave(heads // groups, dim=-2)
+
+
+def token_weights(dt: torch.Tensor, trap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights of a token's input ``(b, T, h)``: in its own output (``trap_t * dt_t``) and in
+    every later state (``trap_t * dt_t + (1 - trap_{t+1}) * dt_{t+1}``, the second term 0 at the
+    end of the sequence)."""
+    current = dt * trap
+    previous = dt * (1 - trap)  # the weight of token t - 1 entering at step t
+    later = current + torch.cat([previous[:, 1:], torch.zeros_like(previous[:, :1])], dim=1)
+    return current, later
+
+
+def _skip(D: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor | None:
+    if D is None:
+        return None
+    return (D[:, None] if D.dim() == 1 else D) * v
+
+
+def _chunk_scores(la_step, current, later, B, C):
+    """Cumulative log decay ``(b, L, h)`` and the output scores ``(b, l, r, s, q, h)`` of a chunk."""
+    la = torch.cumsum(la_step, dim=1)
+    L = la.shape[1]
+    seg = la[:, :, None, :] - la[:, None, :, :]
+    strict = torch.ones(L, L, dtype=torch.bool, device=la.device).tril(-1)[None, :, :, None]
+    diag = torch.eye(L, dtype=torch.bool, device=la.device)[None, :, :, None]
+    weight = torch.exp(seg.masked_fill(~strict, float("-inf"))) * later[:, None, :, :]
+    weight = torch.where(diag, current[:, :, None, :], weight)
+    scores = torch.einsum("blrhn,bsqhn->blrsqh", C, B) * weight[:, :, None, :, None, :]
+    return la, scores
+
+
+def _chunk(x, la_step, current, later, B, C, h0):
+    """One chunk, differentiable; ranked layout, B and C per head. Returns ``(y, h_last)``."""
+    la, scores = _chunk_scores(la_step, current, later, B, C)
+    y = torch.einsum("blrsqh,bsqhp->blrhp", scores, x)
+    to_end = torch.exp(la[:, -1:, :] - la) * later
+    h_last = torch.einsum("bsqhn,bsqhp->bhpn", B * to_end[:, :, None, :, None], x)
+    if h0 is not None:
+        y = y + torch.einsum("blrhn,bhpn->blrhp", C, h0) * torch.exp(la)[:, :, None, :, None]
+        h_last = h_last + torch.exp(la[:, -1])[:, :, None, None] * h0
+    return y, h_last
+
+
+def _prepare(x, dt, A, trap, B, C):
+    mimo = x.dim() == 5
+    heads = x.shape[-2]
+    current, later = token_weights(dt, trap)
+    return mimo, dt * A, current, later, _heads(_ranked(B, mimo), heads), _heads(_ranked(C, mimo), heads)
+
+
+def mamba3_scan_fwd_torch(x, dt, A, trap, B, C, D, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Chunked forward without autograd on accumulation-dtype tensors. Returns ``y`` like ``x``."""
+    mimo, la_step, current, later, B, C = _prepare(x, dt, A, trap, B, C)
+    xr = _ranked(x, mimo)
+    y = torch.empty_like(xr)
+    h = None
+    for t0 in range(0, x.shape[1], chunk):
+        sl = slice(t0, t0 + chunk)
+        y[:, sl], h = _chunk(xr[:, sl], la_step[:, sl], current[:, sl], later[:, sl], B[:, sl], C[:, sl], h)
+    y = y if mimo else y.squeeze(2)
+    skip = _skip(D, x)
+    return y if skip is None else y + skip
+
+
+def mamba3_scan_lrp_bwd_torch(g, dt, A, trap, B, C, D, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Adjoint scan of the rule on accumulation-dtype tensors. Returns ``dx`` like ``g``."""
+    mimo, la_step, current, later, B, C = _prepare(g, dt, A, trap, B, C)
+    gr = _ranked(g, mimo)
+    dx = torch.empty_like(gr)
+    gh = None  # gradient of the state carried out of the current chunk, from later chunks
+    for t0 in reversed(range(0, g.shape[1], chunk)):
+        sl = slice(t0, t0 + chunk)
+        g_c, B_c, C_c = gr[:, sl], B[:, sl], C[:, sl]
+        la, scores = _chunk_scores(la_step[:, sl], current[:, sl], later[:, sl], B_c, C_c)
+        dx_c = torch.einsum("blrsqh,blrhp->bsqhp", scores, g_c)
+        if gh is not None:
+            to_end = torch.exp(la[:, -1:, :] - la) * later[:, sl]
+            dx_c = dx_c + torch.einsum("bsqhn,bhpn->bsqhp", B_c * to_end[:, :, None, :, None], gh)
+        dx[:, sl] = dx_c
+        gh_new = torch.einsum("blrhn,blrhp->bhpn", C_c * torch.exp(la)[:, :, None, :, None], g_c)
+        gh = gh_new if gh is None else gh_new + torch.exp(la[:, -1])[:, :, None, None] * gh
+    dx = dx if mimo else dx.squeeze(2)
+    skip = _skip(D, g)
+    return dx if skip is None else dx + skip
+
+
+def _implementations(x: torch.Tensor):
+    if x.dtype == torch.float32 and dispatch.resolve(x, "mamba3_scan") == "triton":
+        kernels = dispatch.triton_kernels()
+        return kernels.mamba3_scan_fwd, kernels.mamba3_scan_lrp_bwd
+    return mamba3_scan_fwd_torch, mamba3_scan_lrp_bwd_torch
+
+
+class Mamba3ScanLRPFn(torch.autograd.Function):
+    """Forward: the Mamba-3 scan. Backward: the SSM rule (``dx`` only, by the adjoint scan)."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, trap, B, C, D):
+        coefficients = [acc(t) for t in (dt, A, trap, B, C, D)]
+        fwd, _ = _implementations(acc(x))
+        ctx.save_for_backward(*[t for t in coefficients if t is not None])
+        ctx.has_d = D is not None
+        ctx.x_dtype = x.dtype
+        return fwd(acc(x), *coefficients)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = list(ctx.saved_tensors)
+        D = saved.pop() if ctx.has_d else None
+        dt, A, trap, B, C = saved
+        g = acc(grad_out).contiguous()
+        _, bwd = _implementations(g)
+        dx = bwd(g, dt, A, trap, B, C, D)
+        return dx.to(ctx.x_dtype), None, None, None, None, None, None
+
+
+def mamba3_scan_lrp(x, dt, A, trap, B, C, D=None) -> torch.Tensor:
+    """Mamba-3 scan whose backward is the MambaLRP SSM rule.
+
+    Args:
+        x: The value ``(b, T, h, p)``, or ``(b, T, R, h, p)`` for MIMO rank ``R`` (already scaled
+            per rank, as mamba_ssm's ``mimo_x`` does).
+        dt: Step size after softplus (and after any bias) ``(b, T, h)``.
+        A: Per-token decay rate, negative, ``(b, T, h)``: the decay of step ``t`` is
+            ``exp(dt_t * A_t)``. (mamba_ssm: ``-softplus(dd_A)`` capped at ``-A_floor``.)
+        trap: Trapezoid mixing factor in ``[0, 1]`` after the sigmoid ``(b, T, h)``: weight of the
+            current token's input; ``1 - trap_t`` weighs the previous token's input at step ``t``.
+        B: Input matrix ``(b, T, g, n)`` / ``(b, T, R, g, n)``, already normed, biased and rotated.
+        C: Output matrix, same layout and preparation as ``B``.
+        D: Skip ``(h,)``, ``(h, p)`` or ``None``; added inside (``y += D * x``, per rank).
+
+    Returns:
+        ``y`` shaped like ``x``, in float32 (float64 for float64 inputs). Only ``x`` receives a
+        gradient.
+    """
+    check_shapes(x, dt, A, trap, B, C, D)
+    return Mamba3ScanLRPFn.apply(x, dt, A, trap, B, C, D)
+
+
+def mamba3_scan_grad(x, dt, A, trap, B, C, D=None, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Mamba-3 scan with its true gradient in every argument; each chunk checkpointed.
+
+    Arguments as in :func:`mamba3_scan_lrp`.
+    """
+    check_shapes(x, dt, A, trap, B, C, D)
+    x, dt, A, trap, B, C, D = (acc(t) for t in (x, dt, A, trap, B, C, D))
+    mimo, la_step, current, later, B, C = _prepare(x, dt, A, trap, B, C)
+    xr = _ranked(x, mimo)
+    outs, h = [], None
+    for t0 in range(0, x.shape[1], chunk):
+        sl = slice(t0, t0 + chunk)
+        y, h = checkpoint(
+            _chunk, xr[:, sl], la_step[:, sl], current[:, sl], later[:, sl], B[:, sl], C[:, sl], h,
+            use_reentrant=False,
+        )
+        outs.append(y)
+    y = torch.cat(outs, dim=1)
+    y = y if mimo else y.squeeze(2)
+    skip = _skip(D, x)
+    return y if skip is None else y + skip
+
+
+def mamba3_scan(x, dt, A, trap, B, C, D=None, rule: Literal["lrp", "gradient"] = "lrp") -> torch.Tensor:
+    """The Mamba-3 scan with the SSM rule (``"lrp"``) or its true gradient (``"gradient"``).
+
+    The public per-token-decay scan primitive. Arguments as in :func:`mamba3_scan_lrp`: ``dt``
+    is given after softplus, ``A`` per token and negative, ``trap`` after the sigmoid, ``B`` and
+    ``C`` prepared (normed, biased, rotated), and ``D`` is added inside.
+    """
+    if rule == "lrp":
+        return mamba3_scan_lrp(x, dt, A, trap, B, C, D)
+    if rule == "gradient":
+        return mamba3_scan_grad(x, dt, A, trap, B, C, D)
+    raise ValueError(f"unknown SSM rule {rule!r}; expected 'lrp' or 'gradient'")
+
+
+def mamba3_scan_ref(x, dt, A, trap, B, C, D=None, detach: bool = True) -> torch.Tensor:
+    """Sequential reference, a Python loop over time written from the recurrence in the module
+    docstring (coefficients detached if ``detach``). Arguments as in :func:`mamba3_scan_lrp`."""
+    x, dt, A, trap, B, C = (acc(t) for t in (x, dt, A, trap, B, C))
+    if detach:
+        dt, A, trap, B, C = dt.detach(), A.detach(), trap.detach(), B.detach(), C.detach()
+    mimo = x.dim() == 5
+    heads = x.shape[-2]
+    xr, B, C = _ranked(x, mimo), _heads(_ranked(B, mimo), heads), _heads(_ranked(C, mimo), heads)
+    b, T, _, h, p = xr.shape
+    state = xr.new_zeros(b, h, p, B.shape[-1])
+    previous = torch.zeros_like(state)
+    ys = []
+    for t in range(T):
+        alpha = torch.exp(dt[:, t] * A[:, t])[:, :, None, None]
+        current = torch.einsum("brhp,brhn->bhpn", xr[:, t], B[:, t])
+        lam, step = trap[:, t][:, :, None, None], dt[:, t][:, :, None, None]
+        state = alpha * state + (1 - lam) * step * alpha * previous + lam * step * current
+        ys.append(torch.einsum("bhpn,brhn->brhp", state, C[:, t]))
+        previous = current
+    y = torch.stack(ys, dim=1)
+    y = y if mimo else y.squeeze(2)
+    skip = _skip(acc(D), x)
+    return y if skip is None else y + skip
