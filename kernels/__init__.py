@@ -2,7 +2,8 @@
 
 A kernel module exposes ``AVAILABLE`` and, per operator ``op``, functions ``op_fwd`` and
 ``op_lrp_bwd`` with the signatures of the torch implementations in
-``mambalrp.functional.selective_scan`` / ``mambalrp.functional.ssd``;
+``mambalrp.functional.selective_scan`` / ``mambalrp.functional.ssd`` /
+``mambalrp.functional.mamba3``;
 ``mambalrp.functional.dispatch`` routes CUDA tensors to them.
 
 ``AVAILABLE`` is ``True`` when Triton imports. On a machine without a GPU the kernels run under
@@ -15,12 +16,15 @@ except ImportError:
     AVAILABLE = False
     __all__ = ["AVAILABLE"]
 else:
+    from .mamba3 import mamba3_scan_fwd, mamba3_scan_lrp_bwd
     from .selective_scan import selective_scan_fwd, selective_scan_lrp_bwd
     from .ssd import ssd_scan_fwd, ssd_scan_lrp_bwd
 
     AVAILABLE = True
     __all__ = [
         "AVAILABLE",
+        "mamba3_scan_fwd",
+        "mamba3_scan_lrp_bwd",
         "selective_scan_fwd",
         "selective_scan_lrp_bwd",
         "ssd_scan_fwd",
