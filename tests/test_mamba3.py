@@ -414,3 +414,34 @@ def test_gpu_official_kernels():  # pragma: no cover - GPU only
                 assert err <= 3e-2, (kw, err)
     finally:
         official.mamba3_siso_combined, official.mamba3_mimo_combined, norms.rmsnorm_fn = standins
+
+
+@pytest.mark.slow
+def test_measured_errors_table(capsys, request):
+    """The numbers of docs/support.md's Mamba-3 table, one row per configuration
+    (``pytest -s -m slow tests/test_mamba3.py -k table`` prints them). Runs only when slow tests
+    are selected with ``-m``."""
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("slow: select with -m slow")
+    rows = []
+    for config in sorted(CONFIGS):
+        m = mixer(config)
+        with torch.no_grad():
+            official = m(U)
+            plain = mamba3_forward(m, U)
+            with mambalrp.lrp(m):
+                ruled = m(U)
+        mixer_diff = max((plain - official).abs().max().item(), (ruled - official).abs().max().item())
+        model = mamba3_lm(CONFIGS[config], rms_norm=False, fused_add_norm=False, residual_in_fp32=True)
+        exp = mambalrp.explain(model, IDS)
+        gi = mambalrp.explain(model, IDS, rules="gradient")
+        with torch.no_grad():
+            logits = model(IDS).logits
+            with mambalrp.lrp(model):
+                lm_diff = (model(IDS).logits - logits).abs().max().item()
+        rel = (exp.conservation_delta.abs() / exp.logit.abs()).max().item()
+        gi_rel = (gi.conservation_delta.abs() / gi.logit.abs()).max().item()
+        rows.append(f"| {config} | {mixer_diff:.1e} | {lm_diff:.1e} | {rel:.1e} | {gi_rel:.2f} |")
+        assert exp.verified and mixer_diff <= 1e-5 and lm_diff <= 1e-5 and rel <= 1e-4 and gi_rel > 1e-2
+    with capsys.disabled():
+        print("\n" + "\n".join(rows))
