@@ -15,7 +15,7 @@ under ``mambalrp.lrp(model, rules="gradient")`` in ``torch.no_grad()`` (the same
 official forward; see tests/test_mamba3.py). "explain" is ``mambalrp.explain(model, ids,
 verify=False)`` (one forward under the rules and one backward; the verification needs the
 model's own forward, which cannot run here). Each number is the median of ``--repeats`` runs
-after one warm-up.
+after one warm-up (for explain, the call that gives the conservation error).
 
 mamba_ssm cannot be imported on a machine without its CUDA extension ``selective_scan_cuda``;
 this script then registers an empty placeholder module under that name before importing it.
@@ -71,8 +71,9 @@ def build_model(args: argparse.Namespace, mimo: bool):
     return model.eval()
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
+def _median_time(fn, repeats: int, warm_up: bool = True) -> float:
+    if warm_up:
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -96,9 +97,11 @@ def measure(args: argparse.Namespace, mimo: bool) -> dict[str, Any]:
     def explain():
         return mambalrp.explain(model, ids, verify=False)
 
-    exp = explain()
+    exp = explain()  # also the explain's warm-up
     t_forward = _median_time(forward, args.repeats)
-    t_explain = _median_time(explain, args.repeats)
+    print(f"{'MIMO' if mimo else 'SISO'}: forward {t_forward:.2f} s", flush=True)
+    t_explain = _median_time(explain, args.repeats, warm_up=False)
+    print(f"{'MIMO' if mimo else 'SISO'}: explain {t_explain:.2f} s", flush=True)
     rel = (exp.conservation_delta.abs() / exp.logit.abs()).max().item()
     return {
         "variant": "MIMO" if mimo else "SISO",
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes (seconds)")
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--T", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
     args.d_model, args.d_state, args.headdim, args.vocab, args.rank = 768, 128, 64, 50280, 4

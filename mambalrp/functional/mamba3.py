@@ -86,70 +86,105 @@ def _skip(D: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor | None:
     return (D[:, None] if D.dim() == 1 else D) * v
 
 
+def _chunk_length(rank: int) -> int:
+    """Steps per chunk: ``DEFAULT_CHUNK / R`` (at least 16), so a chunk's ``(L R, L R)`` score
+    matrix per head stays the size of the SISO one."""
+    return max(16, DEFAULT_CHUNK // max(1, rank))
+
+
 def _chunk_scores(la_step, current, later, B, C):
-    """Cumulative log decay ``(b, L, h)`` and the output scores ``(b, l, r, s, q, h)`` of a chunk."""
-    la = torch.cumsum(la_step, dim=1)
-    L = la.shape[1]
-    seg = la[:, :, None, :] - la[:, None, :, :]
-    strict = torch.ones(L, L, dtype=torch.bool, device=la.device).tril(-1)[None, :, :, None]
-    diag = torch.eye(L, dtype=torch.bool, device=la.device)[None, :, :, None]
-    weight = torch.exp(seg.masked_fill(~strict, float("-inf"))) * later[:, None, :, :]
-    weight = torch.where(diag, current[:, :, None, :], weight)
-    scores = torch.einsum("blrhn,bsqhn->blrsqh", C, B) * weight[:, :, None, :, None, :]
+    """Cumulative log decay ``(b, h, L)`` and the output scores ``(b, h, L R, L R)`` of a chunk.
+
+    Head-major layout: ``la_step, current, later: (b, h, L)``, ``B, C: (b, h, L, R, n)``."""
+    la = torch.cumsum(la_step, dim=-1)
+    b, h, L, R, n = B.shape
+    seg = la[..., :, None] - la[..., None, :]
+    strict = torch.ones(L, L, dtype=torch.bool, device=la.device).tril(-1)
+    weight = torch.exp(seg.masked_fill(~strict, float("-inf"))) * later[..., None, :]
+    weight = weight + torch.diag_embed(current)
+    weight = weight[:, :, :, None, :, None].expand(b, h, L, R, L, R).reshape(b, h, L * R, L * R)
+    scores = torch.matmul(C.reshape(b, h, L * R, n), B.reshape(b, h, L * R, n).transpose(-1, -2)) * weight
     return la, scores
 
 
 def _chunk(x, la_step, current, later, B, C, h0):
-    """One chunk, differentiable; ranked layout, B and C per head. Returns ``(y, h_last)``."""
+    """One chunk, differentiable, head-major (``x: (b, h, L, R, p)``, state ``(b, h, n, p)``).
+    Returns ``(y (b, h, L, R, p), h_last)``."""
     la, scores = _chunk_scores(la_step, current, later, B, C)
-    y = torch.einsum("blrsqh,bsqhp->blrhp", scores, x)
-    to_end = torch.exp(la[:, -1:, :] - la) * later
-    h_last = torch.einsum("bsqhn,bsqhp->bhpn", B * to_end[:, :, None, :, None], x)
+    b, h, L, R, p = x.shape
+    n = B.shape[-1]
+    xf = x.reshape(b, h, L * R, p)
+    y = torch.matmul(scores, xf)
+    to_end = torch.exp(la[..., -1:] - la) * later
+    Bw = (B * to_end[..., None, None]).reshape(b, h, L * R, n)
+    h_last = torch.matmul(Bw.transpose(-1, -2), xf)
     if h0 is not None:
-        y = y + torch.einsum("blrhn,bhpn->blrhp", C, h0) * torch.exp(la)[:, :, None, :, None]
-        h_last = h_last + torch.exp(la[:, -1])[:, :, None, None] * h0
-    return y, h_last
+        decay = torch.exp(la)[..., None, None].expand(b, h, L, R, 1).reshape(b, h, L * R, 1)
+        y = y + torch.matmul(C.reshape(b, h, L * R, n), h0) * decay
+        h_last = h_last + torch.exp(la[..., -1])[..., None, None] * h0
+    return y.reshape(b, h, L, R, p), h_last
 
 
 def _prepare(x, dt, A, trap, B, C):
+    """Head-major views: ``x (b, h, T, R, p)``, ``B, C (b, h, T, R, n)`` per head, the log decays
+    and token weights ``(b, h, T)``."""
     mimo = x.dim() == 5
     heads = x.shape[-2]
     current, later = token_weights(dt, trap)
-    return mimo, dt * A, current, later, _heads(_ranked(B, mimo), heads), _heads(_ranked(C, mimo), heads)
+    B, C = _heads(_ranked(B, mimo), heads), _heads(_ranked(C, mimo), heads)
+
+    def major(t):
+        return t.permute(0, 3, 1, 2, 4).contiguous()
+
+    def per_head(t):
+        return t.transpose(1, 2).contiguous()
+
+    return mimo, major(_ranked(x, mimo)), per_head(dt * A), per_head(current), per_head(later), major(B), major(C)
 
 
-def mamba3_scan_fwd_torch(x, dt, A, trap, B, C, D, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+def _back(y: torch.Tensor, mimo: bool) -> torch.Tensor:
+    """``(b, h, T, R, p)`` back to the caller's layout."""
+    y = y.permute(0, 2, 3, 1, 4)
+    return y if mimo else y.squeeze(2)
+
+
+def mamba3_scan_fwd_torch(x, dt, A, trap, B, C, D, chunk: int | None = None) -> torch.Tensor:
     """Chunked forward without autograd on accumulation-dtype tensors. Returns ``y`` like ``x``."""
-    mimo, la_step, current, later, B, C = _prepare(x, dt, A, trap, B, C)
-    xr = _ranked(x, mimo)
+    mimo, xr, la_step, current, later, B, C = _prepare(x, dt, A, trap, B, C)
+    chunk = chunk or _chunk_length(xr.shape[3])
     y = torch.empty_like(xr)
     h = None
-    for t0 in range(0, x.shape[1], chunk):
+    for t0 in range(0, xr.shape[2], chunk):
         sl = slice(t0, t0 + chunk)
-        y[:, sl], h = _chunk(xr[:, sl], la_step[:, sl], current[:, sl], later[:, sl], B[:, sl], C[:, sl], h)
-    y = y if mimo else y.squeeze(2)
+        y[:, :, sl], h = _chunk(xr[:, :, sl], la_step[..., sl], current[..., sl], later[..., sl], B[:, :, sl], C[:, :, sl], h)
+    y = _back(y, mimo)
     skip = _skip(D, x)
     return y if skip is None else y + skip
 
 
-def mamba3_scan_lrp_bwd_torch(g, dt, A, trap, B, C, D, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+def mamba3_scan_lrp_bwd_torch(g, dt, A, trap, B, C, D, chunk: int | None = None) -> torch.Tensor:
     """Adjoint scan of the rule on accumulation-dtype tensors. Returns ``dx`` like ``g``."""
-    mimo, la_step, current, later, B, C = _prepare(g, dt, A, trap, B, C)
-    gr = _ranked(g, mimo)
+    mimo, gr, la_step, current, later, B, C = _prepare(g, dt, A, trap, B, C)
+    b, h, T, R, p = gr.shape
+    n = B.shape[-1]
+    chunk = chunk or _chunk_length(R)
     dx = torch.empty_like(gr)
     gh = None  # gradient of the state carried out of the current chunk, from later chunks
-    for t0 in reversed(range(0, g.shape[1], chunk)):
+    for t0 in reversed(range(0, T, chunk)):
         sl = slice(t0, t0 + chunk)
-        g_c, B_c, C_c = gr[:, sl], B[:, sl], C[:, sl]
-        la, scores = _chunk_scores(la_step[:, sl], current[:, sl], later[:, sl], B_c, C_c)
-        dx_c = torch.einsum("blrsqh,blrhp->bsqhp", scores, g_c)
+        g_c, B_c, C_c = gr[:, :, sl], B[:, :, sl], C[:, :, sl]
+        L = g_c.shape[2]
+        la, scores = _chunk_scores(la_step[..., sl], current[..., sl], later[..., sl], B_c, C_c)
+        gf = g_c.reshape(b, h, L * R, p)
+        dx_c = torch.matmul(scores.transpose(-1, -2), gf)
         if gh is not None:
-            to_end = torch.exp(la[:, -1:, :] - la) * later[:, sl]
-            dx_c = dx_c + torch.einsum("bsqhn,bhpn->bsqhp", B_c * to_end[:, :, None, :, None], gh)
-        dx[:, sl] = dx_c
-        gh_new = torch.einsum("blrhn,blrhp->bhpn", C_c * torch.exp(la)[:, :, None, :, None], g_c)
-        gh = gh_new if gh is None else gh_new + torch.exp(la[:, -1])[:, :, None, None] * gh
-    dx = dx if mimo else dx.squeeze(2)
+            to_end = torch.exp(la[..., -1:] - la) * later[..., sl]
+            dx_c = dx_c + torch.matmul((B_c * to_end[..., None, None]).reshape(b, h, L * R, n), gh)
+        dx[:, :, sl] = dx_c.reshape(b, h, L, R, p)
+        decay = torch.exp(la)[..., None, None].expand(b, h, L, R, 1).reshape(b, h, L * R, 1)
+        gh_new = torch.matmul(C_c.reshape(b, h, L * R, n).transpose(-1, -2), gf * decay)
+        gh = gh_new if gh is None else gh_new + torch.exp(la[..., -1])[..., None, None] * gh
+    dx = _back(dx, mimo)
     skip = _skip(D, g)
     return dx if skip is None else dx + skip
 
@@ -207,25 +242,24 @@ def mamba3_scan_lrp(x, dt, A, trap, B, C, D=None) -> torch.Tensor:
     return Mamba3ScanLRPFn.apply(x, dt, A, trap, B, C, D)
 
 
-def mamba3_scan_grad(x, dt, A, trap, B, C, D=None, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+def mamba3_scan_grad(x, dt, A, trap, B, C, D=None, chunk: int | None = None) -> torch.Tensor:
     """Mamba-3 scan with its true gradient in every argument; each chunk checkpointed.
 
     Arguments as in :func:`mamba3_scan_lrp`.
     """
     check_shapes(x, dt, A, trap, B, C, D)
     x, dt, A, trap, B, C, D = (acc(t) for t in (x, dt, A, trap, B, C, D))
-    mimo, la_step, current, later, B, C = _prepare(x, dt, A, trap, B, C)
-    xr = _ranked(x, mimo)
+    mimo, xr, la_step, current, later, B, C = _prepare(x, dt, A, trap, B, C)
+    chunk = chunk or _chunk_length(xr.shape[3])
     outs, h = [], None
-    for t0 in range(0, x.shape[1], chunk):
+    for t0 in range(0, xr.shape[2], chunk):
         sl = slice(t0, t0 + chunk)
         y, h = checkpoint(
-            _chunk, xr[:, sl], la_step[:, sl], current[:, sl], later[:, sl], B[:, sl], C[:, sl], h,
+            _chunk, xr[:, :, sl], la_step[..., sl], current[..., sl], later[..., sl], B[:, :, sl], C[:, :, sl], h,
             use_reentrant=False,
         )
         outs.append(y)
-    y = torch.cat(outs, dim=1)
-    y = y if mimo else y.squeeze(2)
+    y = _back(torch.cat(outs, dim=2), mimo)
     skip = _skip(D, x)
     return y if skip is None else y + skip
 
