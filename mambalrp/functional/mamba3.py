@@ -18,8 +18,9 @@ The rule holds ``dt``, ``A``, ``trap``, ``B`` and ``C`` constant; ``y`` is then 
 the rule's backward is the adjoint (reverse) scan, so ``sum(x * dx) == sum(y * g)``: relevance is
 conserved through the scan, the skip ``D`` included (it is part of the same linear map).
 
-Both directions run chunk by chunk (the SSD form): inside a chunk of ``L`` steps an ``(L, L)``
-decay matrix per head and rank pair, between chunks one ``(p, n)`` state per head. The previous-
+Both directions run chunk by chunk (the SSD form): inside a chunk of ``L`` steps one
+``(L R, L R)`` matrix of decay-weighted ``C . B`` products per head, between chunks one ``(n, p)``
+state per head; the work is done in a head-major layout with batched matrix products. The previous-
 token term folds into per-token weights: a token ``s`` enters later outputs with weight
 ``w_s = trap_s dt_s + (1 - trap_{s+1}) dt_{s+1}`` and its own output with ``trap_s dt_s``. Nothing
 of size ``(batch, d, T, n)`` is formed.
