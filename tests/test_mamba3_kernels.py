@@ -4,10 +4,13 @@ reference.
 Without CUDA the kernels run on the CPU under the Triton interpreter (``TRITON_INTERPRET=1``, set
 before the kernels are defined, as in ``test_kernels.py``); the shapes are tiny because the
 interpreter is slow. With CUDA the same tests run on the GPU, plus a ``gpu``-marked larger one.
+The kernel is also compiled ahead of time to ``cubin`` for sm_80 and sm_90 (no GPU needed).
 """
 
 import os
+import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -96,3 +99,52 @@ def test_kernels_larger_shapes_on_gpu():  # pragma: no cover - GPU only
         y = kernels.mamba3_scan_fwd(*args)
         torch.testing.assert_close(y, mamba3_scan_lrp(*[t.cpu() if t is not None else None for t in args]).to(DEVICE),
                                    rtol=1e-4, atol=1e-3)
+
+
+# Run in a fresh interpreter without TRITON_INTERPRET (as in test_kernels.py): the interpreter
+# accepts code that the compiler rejects.
+COMPILE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource, compile
+    except ImportError as err:
+        print("no ahead-of-time compile API:", err)
+        sys.exit(3)
+    from mambalrp.kernels import mamba3
+
+    kernel = mamba3._mamba3_scan_kernel
+    count = 0
+    # Blocks as the wrapper chooses them for the 130m shape (head dim 64, d_state 128): SISO and rank 4.
+    for rank, reverse, has_d, v_type, arch in ((1, False, True, "bf16", 90), (4, True, False, "fp32", 80),
+                                                (4, False, True, "fp32", 90), (1, True, True, "bf16", 80)):
+        block_r, block_p, block_n = mamba3._blocks(rank, 64, 128, None)
+        constexprs = dict(REVERSE=reverse, HAS_D=has_d, BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_N=block_n)
+        signature = {
+            a: "constexpr" if a in constexprs else (("*" + v_type) if a == "v_ptr" else "*fp32")
+            if a.endswith("_ptr") else "i32"
+            for a in kernel.arg_names
+        }
+        compiled = compile(ASTSource(kernel, signature, constexprs=constexprs),
+                           target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+        assert compiled.asm["cubin"]
+        count += 1
+    print("compiled", count)
+    """
+)
+
+
+def test_kernel_compiles_for_gpu_targets():
+    """Compile the Mamba-3 kernel to cubin for sm_80 and sm_90 (no GPU needed)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    try:
+        done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                              timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("compiling the kernel took longer than 300 s")
+    if done.returncode == 3:
+        pytest.skip(done.stdout.strip())
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "compiled 4" in done.stdout
