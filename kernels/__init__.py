@@ -3,7 +3,7 @@
 A kernel module exposes ``AVAILABLE`` and, per operator ``op``, functions ``op_fwd`` and
 ``op_lrp_bwd`` with the signatures of the torch implementations in
 ``mambalrp.functional.selective_scan`` / ``mambalrp.functional.ssd`` /
-``mambalrp.functional.delta_rule``;
+``mambalrp.functional.delta_rule`` / ``mambalrp.functional.mamba3``;
 ``mambalrp.functional.dispatch`` routes CUDA tensors to them.
 
 ``AVAILABLE`` is ``True`` when Triton imports. On a machine without a GPU the kernels run under
@@ -17,6 +17,7 @@ except ImportError:
     __all__ = ["AVAILABLE"]
 else:
     from .delta_rule import gated_delta_rule_fwd, gated_delta_rule_lrp_bwd
+    from .mamba3 import mamba3_scan_fwd, mamba3_scan_lrp_bwd
     from .selective_scan import selective_scan_fwd, selective_scan_lrp_bwd
     from .ssd import ssd_scan_fwd, ssd_scan_lrp_bwd
 
@@ -25,6 +26,8 @@ else:
         "AVAILABLE",
         "gated_delta_rule_fwd",
         "gated_delta_rule_lrp_bwd",
+        "mamba3_scan_fwd",
+        "mamba3_scan_lrp_bwd",
         "selective_scan_fwd",
         "selective_scan_lrp_bwd",
         "ssd_scan_fwd",

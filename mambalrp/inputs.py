@@ -237,8 +237,9 @@ def call_model(
 ) -> tuple[Any, bool]:
     """Call the model; return its output and whether only positions ``keep_from..`` were computed.
 
-    Models that accept ``logits_to_keep`` (HF causal LMs) compute the head only where needed,
-    which saves a ``(batch, seq, vocab)`` tensor and its gradient. ``keep_from=None`` keeps all.
+    Models that accept ``logits_to_keep`` (HF causal LMs) or ``num_last_tokens`` (mamba_ssm's
+    ``MambaLMHeadModel``) compute the head only where needed, which saves a ``(batch, seq, vocab)``
+    tensor and its gradient. ``keep_from=None`` keeps all.
     """
     params = inspect.signature(model.forward).parameters
     var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -249,9 +250,11 @@ def call_model(
         if not accepts_mask(model):
             raise InputError(f"{type(model).__name__}.forward takes no attention_mask")
         kwargs["attention_mask"] = mask
-    trimmed = "logits_to_keep" in params and keep_from is not None
+    # HF causal LMs take logits_to_keep; mamba_ssm's MambaLMHeadModel the same as num_last_tokens.
+    keep_name = next((k for k in ("logits_to_keep", "num_last_tokens") if k in params), None)
+    trimmed = keep_name is not None and keep_from is not None
     if trimmed:
-        kwargs["logits_to_keep"] = ids.shape[1] - keep_from
+        kwargs[keep_name] = ids.shape[1] - keep_from
     try:
         return model(ids, **kwargs), trimmed
     except TypeError as err:

@@ -188,6 +188,11 @@ class RuleSet:
         of attention, a shared expert's gate): held constant, like routing weights."""
         return t.detach() if self.gate else t
 
+    def mamba3_scan(self, x, dt, A, trap, B, C, D=None) -> torch.Tensor:
+        """Mamba-3 scan with per-token decays and the trapezoid term (layout of
+        :mod:`mambalrp.functional.mamba3`)."""
+        return ops.mamba3_scan(x, dt, A, trap, B, C, D, rule="lrp" if self.ssm else "gradient")
+
     def ssm_coefficient(self, t: torch.Tensor) -> torch.Tensor:
         """Detach a tensor that only feeds the SSM coefficients (dt, B, C) under the SSM rule."""
         return t.detach() if self.ssm else t

@@ -6,6 +6,8 @@ Built-in adapters, registered at import:
     * :class:`~mambalrp.adapters.mamba_ssm_mamba1.MambaSSMMixerAdapter`: mamba_ssm Mamba-1 mixers.
     * :class:`~mambalrp.adapters.mamba_ssm_mamba2.MambaSSMMamba2Adapter`: mamba_ssm Mamba-2 mixers,
       and the layers around them in ``mamba_ssm_model`` (Block, MixerModel, GatedMLP, MHA).
+    * :class:`~mambalrp.adapters.mamba_ssm_mamba3.MambaSSMMamba3Adapter`: mamba_ssm Mamba-3 mixers
+      (SISO and MIMO).
     * :class:`~mambalrp.adapters.vim.VimBiMambaAdapter`: Vision Mamba bidirectional mixers.
     * :class:`~mambalrp.adapters.zamba.ZambaMambaMixerAdapter`: Zamba (v1) multi-head Mamba-1 mixers.
     * :class:`~mambalrp.adapters.hf_attention.HFAttentionAdapter`: attention layers of hybrids;
@@ -53,6 +55,7 @@ from mambalrp.adapters.hf_mamba import HFMambaMixerAdapter
 from mambalrp.adapters.hf_mamba2 import HFMamba2MixerAdapter
 from mambalrp.adapters.mamba_ssm_mamba1 import MambaSSMMixerAdapter
 from mambalrp.adapters.mamba_ssm_mamba2 import MambaSSMMamba2Adapter
+from mambalrp.adapters.mamba_ssm_mamba3 import MambaSSMMamba3Adapter
 from mambalrp.adapters.mamba_ssm_model import (
     MambaSSMAttentionAdapter,
     MambaSSMBackboneAdapter,
@@ -97,6 +100,7 @@ _BUILTIN = (
     HFMamba2MixerAdapter(),
     MambaSSMMixerAdapter(),
     MambaSSMMamba2Adapter(),
+    MambaSSMMamba3Adapter(),
     MambaSSMBlockAdapter(),
     MambaSSMBackboneAdapter(),
     MambaSSMGatedMLPAdapter(),
@@ -141,6 +145,7 @@ __all__ = [
     "MambaSSMBlockAdapter",
     "MambaSSMGatedMLPAdapter",
     "MambaSSMMamba2Adapter",
+    "MambaSSMMamba3Adapter",
     "MambaSSMMixerAdapter",
     "ParallelExpertsAdapter",
     "RMSNormAdapter",

@@ -41,6 +41,12 @@ from mambalrp.functional.linear import (
     gamma_linear,
     gamma_linear_ref,
 )
+from mambalrp.functional.mamba3 import (
+    Mamba3ScanLRPFn,
+    mamba3_scan,
+    mamba3_scan_lrp,
+    mamba3_scan_ref,
+)
 from mambalrp.functional.norm import (
     LayerNormLRPFn,
     RMSNormLRPFn,
@@ -70,6 +76,7 @@ __all__ = [
     "HalfGateFn",
     "IdentityRuleFn",
     "LayerNormLRPFn",
+    "Mamba3ScanLRPFn",
     "RMSNormLRPFn",
     "SSDScanLRPFn",
     "SelectiveScanLRPFn",
@@ -96,6 +103,9 @@ __all__ = [
     "layer_norm",
     "layer_norm_lrp",
     "layer_norm_lrp_ref",
+    "mamba3_scan",
+    "mamba3_scan_lrp",
+    "mamba3_scan_ref",
     "rmsnorm",
     "rmsnorm_lrp",
     "rmsnorm_lrp_ref",
