@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from mambalrp.functional.scan_fn import scan_lrp_function
 from mambalrp.functional.scan_core import acc
@@ -77,8 +76,11 @@ def _ssd_chunk(x, dt, A, B, C, h0):
     return y, h_last
 
 
-def ssd_scan_fwd_torch(x, dt, A, B, C, D, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """Chunked forward without autograd; float32 inputs. Returns ``y`` (b, T, h, p)."""
+def ssd_scan_fwd_torch(x, dt, A, B, C, D, chunk: int = DEFAULT_CHUNK, starts: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Chunked forward without autograd; float32 inputs. Returns ``y`` (b, T, h, p).
+
+    With ``starts`` (a list), the state ``(b, h, p, n)`` entering every chunk after the first is
+    appended to it (what the true gradient's backward restarts the chunks from)."""
     heads = x.shape[2]
     B, C = _heads(B, heads), _heads(C, heads)
     y = torch.empty_like(x)
@@ -86,6 +88,8 @@ def ssd_scan_fwd_torch(x, dt, A, B, C, D, chunk: int = DEFAULT_CHUNK) -> torch.T
     for t0 in range(0, x.shape[1], chunk):
         sl = slice(t0, t0 + chunk)
         y[:, sl], h = _ssd_chunk(x[:, sl], dt[:, sl], A, B[:, sl], C[:, sl], h)
+        if starts is not None and t0 + chunk < x.shape[1]:
+            starts.append(h)
     skip = _skip(D, x)
     return y if skip is None else y + skip
 
@@ -141,20 +145,118 @@ def ssd_scan_lrp(x, dt, A, B, C, D=None) -> torch.Tensor:
     return SSDScanLRPFn.apply(x, dt, A, B, C, D)
 
 
-def ssd_scan_grad(x, dt, A, B, C, D=None, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """SSD scan with its true gradient; each chunk checkpointed. Arguments as in :func:`ssd_scan_lrp`."""
-    check_shapes(x, dt, A, B, C, D)
-    heads = x.shape[2]
-    x32, dt32, A32 = acc(x), acc(dt), acc(A)
-    B32, C32 = _heads(acc(B), heads), _heads(acc(C), heads)
-    outs, h = [], None
-    for t0 in range(0, x.shape[1], chunk):
+def _ssd_chunk_grad(g, x, dt, A, B, C, h0, gh):
+    """Gradients of one chunk of :func:`_ssd_chunk` (B, C per head).
+
+    ``g`` is the gradient of the chunk's output, ``gh`` that of the state it hands on (``None``
+    for the last chunk), ``h0`` the state it starts from (``None`` for the first).
+
+    Returns:
+        ``(dx, ddt, dA, dB, dC, dh0)``; ``dh0`` is ``None`` when ``h0`` is.
+    """
+    la, decay = _chunk_decays(dt, A)
+    xd = x * dt.unsqueeze(-1)
+    scores = torch.einsum("blhn,bshn->blsh", C, B) * decay
+    dxd = torch.einsum("blsh,blhp->bshp", scores, g)
+    dscores = torch.einsum("blhp,bshp->blsh", g, xd)
+    dseg = dscores * scores  # gradient of the log segment decays (zero above the diagonal)
+    dscores.mul_(decay)  # now the gradient of C_l . B_s
+    dC = torch.einsum("blsh,bshn->blhn", dscores, B)
+    dB = torch.einsum("blsh,blhn->bshn", dscores, C)
+    dla = dseg.sum(2) - dseg.sum(1)  # la_l enters as +la_l in row l and as -la_s in column s
+    dh0 = None
+    if h0 is not None:
+        grown = g * torch.exp(la).unsqueeze(-1)
+        dC = dC + torch.einsum("blhp,bhpn->blhn", grown, h0)
+        dla = dla + (grown * torch.einsum("blhn,bhpn->blhp", C, h0)).sum(-1)
+        dh0 = torch.einsum("blhp,blhn->bhpn", grown, C)
+    if gh is not None:
+        to_end = torch.exp(la[:, -1:, :] - la).unsqueeze(-1)
+        ghB = torch.einsum("bshn,bhpn->bshp", B, gh)
+        dxd = dxd + ghB * to_end
+        dB = dB + torch.einsum("bshp,bhpn->bshn", xd * to_end, gh)
+        dw = (xd * ghB * to_end).sum(-1)  # gradient of the log decay to the chunk's end, per step
+        dla = dla - dw
+        dla[:, -1] += dw.sum(1)
+        if h0 is not None:
+            decay_all = torch.exp(la[:, -1])
+            dh0 = dh0 + decay_all[:, :, None, None] * gh
+            dla[:, -1] += decay_all * (gh * h0).sum((-1, -2))
+    da = dla.flip(1).cumsum(1).flip(1)  # la = cumsum(dt * A)
+    dx = dxd * dt.unsqueeze(-1)
+    ddt = (dxd * x).sum(-1) + da * A
+    dA = (da * dt).sum((0, 1))
+    return dx, ddt, dA, dB, dC, dh0
+
+
+def _group_sum(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per-head ``(b, T, h, n)`` gradients summed back onto ``groups`` shared groups."""
+    b, T, h, n = t.shape
+    return t if groups == h else t.reshape(b, T, groups, h // groups, n).sum(3)
+
+
+def ssd_scan_grad_bwd_torch(g, x, dt, A, B, C, D, starts: list[torch.Tensor], chunk: int, needs: tuple[bool, ...]):
+    """The true gradient of the SSD scan; float32 inputs.
+
+    Walks the chunks backwards from the states saved at their borders (``starts``), carrying the
+    gradient of the state between chunks, with each chunk's gradients in closed form
+    (:func:`_ssd_chunk_grad`).
+
+    Returns:
+        ``(dx, ddt, dA, dB, dC, dD)``; an entry is ``None`` where ``needs`` says it is not wanted.
+    """
+    heads, groups, T = x.shape[2], B.shape[2], x.shape[1]
+    Bh, Ch = _heads(B, heads), _heads(C, heads)
+    dx, ddt = torch.empty_like(x), torch.empty_like(dt)
+    dB, dC = torch.empty_like(B), torch.empty_like(C)
+    dA = torch.zeros_like(A)
+    gh = None
+    for index, t0 in reversed(list(enumerate(range(0, T, chunk)))):
         sl = slice(t0, t0 + chunk)
-        y, h = checkpoint(_ssd_chunk, x32[:, sl], dt32[:, sl], A32, B32[:, sl], C32[:, sl], h, use_reentrant=False)
-        outs.append(y)
-    y = torch.cat(outs, dim=1)
-    skip = _skip(acc(D), x32)
-    return y if skip is None else y + skip
+        h0 = starts[index - 1] if index else None
+        dx[:, sl], ddt[:, sl], dA_c, dB_c, dC_c, gh = _ssd_chunk_grad(
+            g[:, sl], x[:, sl], dt[:, sl], A, Bh[:, sl], Ch[:, sl], h0, gh
+        )
+        dA += dA_c
+        dB[:, sl], dC[:, sl] = _group_sum(dB_c, groups), _group_sum(dC_c, groups)
+    dD = None
+    if D is not None:
+        dx += _skip(D, g)
+        if needs[5]:
+            gx = g * x
+            dD = gx.sum((0, 1, 3)) if D.dim() == 1 else gx.sum((0, 1))
+    return tuple(t if need else None for t, need in zip((dx, ddt, dA, dB, dC, dD), needs))
+
+
+class SSDScanGradFn(torch.autograd.Function):
+    """Forward: the chunked SSD scan. Backward: its true gradient in every input, chunk by chunk
+    from the states saved at the chunk borders."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, chunk):
+        inputs = [acc(t) for t in (x, dt, A, B, C, D)]
+        starts: list[torch.Tensor] = []
+        y = ssd_scan_fwd_torch(*inputs, chunk=chunk, starts=starts)
+        ctx.save_for_backward(*[t for t in inputs if t is not None], *starts)
+        ctx.has_d, ctx.chunk, ctx.starts = D is not None, chunk, len(starts)
+        ctx.dtypes = [None if t is None else t.dtype for t in (x, dt, A, B, C, D)]
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = list(ctx.saved_tensors)
+        starts = saved[len(saved) - ctx.starts:]
+        x, dt, A, B, C, *rest = saved[: len(saved) - ctx.starts]
+        D = rest[0] if ctx.has_d else None
+        grads = ssd_scan_grad_bwd_torch(acc(grad_out), x, dt, A, B, C, D, starts, ctx.chunk, tuple(ctx.needs_input_grad[:6]))
+        out = [None if gr is None else gr.to(dtype) for gr, dtype in zip(grads, ctx.dtypes)]
+        return (*out, None)
+
+
+def ssd_scan_grad(x, dt, A, B, C, D=None, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """SSD scan with its true gradient (:class:`SSDScanGradFn`). Arguments as in :func:`ssd_scan_lrp`."""
+    check_shapes(x, dt, A, B, C, D)
+    return SSDScanGradFn.apply(x, dt, A, B, C, D, chunk)
 
 
 def ssd_scan(x, dt, A, B, C, D=None, rule: Literal["lrp", "gradient"] = "lrp") -> torch.Tensor:
