@@ -10,7 +10,7 @@ import mambalrp
 from mambalrp import functional as ops
 from mambalrp.functional import scan_core
 from mambalrp.functional.selective_scan import SelectiveScanGradFn, selective_scan_grad
-from mambalrp.functional.ssd import SSDScanGradFn, ssd_scan_grad
+from mambalrp.functional.ssd import SSDScanGradFn, ssd_scan_fwd_torch, ssd_scan_grad, ssd_scan_lrp_bwd_torch
 
 f64 = torch.float64
 
@@ -109,3 +109,21 @@ def test_grad_fns_keep_input_dtypes():
     x, dt, A, B, C, D = (t.to(torch.bfloat16).requires_grad_() for t in _ssd_inputs(dtype=torch.float32))
     ssd_scan_grad(x, dt, A, B, C, D).sum().backward()
     assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (x, dt, A, B, C, D))
+
+
+@pytest.mark.parametrize("elements", [1, 40 * 8 * 4])
+def test_ssd_blocks_of_chunks(elements, monkeypatch):
+    # Blocks of one chunk and of several (the last block and the last chunk padded): the same
+    # forward, rule and true gradient as the sequential reference.
+    monkeypatch.setattr(scan_core, "CHUNK_ELEMENTS", elements)
+    x, dt, A, B, C, D = _ssd_inputs(T=45)
+    y = ssd_scan_fwd_torch(x, dt, A, B, C, D, chunk=8)
+    assert torch.allclose(y, ops.ssd_scan_ref(x, dt, A, B, C, D), atol=1e-12)
+    g = torch.randn_like(x)
+    _, (dx_r,) = _grads(lambda x: ops.ssd_scan_ref(x, dt, A, B, C, D), (x,), (True,), g)
+    assert torch.allclose(ssd_scan_lrp_bwd_torch(g, dt, A, B, C, D, chunk=8), dx_r, atol=1e-12)
+    wanted = (True,) * 6
+    _, grads = _grads(lambda *a: ssd_scan_grad(*a, chunk=8), (x, dt, A, B, C, D), wanted, g)
+    _, grads_r = _grads(lambda *a: ops.ssd_scan_ref(*a, detach=False), (x, dt, A, B, C, D), wanted, g)
+    for a, b in zip(grads, grads_r):
+        assert torch.allclose(a, b, atol=1e-10)
