@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 # Elements of one (batch, d_inner, chunk, d_state) working tensor; bounds per-chunk memory.
-CHUNK_ELEMENTS = 1 << 20
+CHUNK_ELEMENTS = 1 << 22
 
 
 def chunk_length(batch: int, channels: int, state: int, max_len: int = 256, min_len: int = 16) -> int:
