@@ -17,7 +17,8 @@ Every model gets one warm-up call per method; then the methods run interleaved, 
 rounds, and the median is reported (the machine may be shared: ratios within one run are what
 to compare). The load average is recorded before and after each model.
 
-Writes ``benchmarks/results/cpu_speed.{json,md}`` (``--name`` changes the stem).
+Writes ``benchmarks/results/cpu_speed.{json,md}`` (``cpu_speed_quick.*`` with ``--quick``; ``--name``
+changes the stem).
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.width, args.layers, args.vocab, args.seq_lens, args.zoo_seq_len, args.repeats = 64, 2, 1000, "128", 256, 2
+        if args.name == "cpu_speed":
+            args.name = "cpu_speed_quick"
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
     import torch
