@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-deps test-matrix bench suite suite-quick clean
+.PHONY: demo test test-all test-deps test-matrix bench suite suite-quick clean
 
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,12 @@ $(STAMP): setup.py pyproject.toml
 demo: $(STAMP)
 	$(PY) -m mambalrp.demo
 
+# The default run leaves out the tests marked slow (each has a smoke version that runs here).
 test: $(STAMP) test-deps
+	$(PY) -m pytest -q -m "not slow" tests
+
+# Everything, the slow tests included.
+test-all: $(STAMP) test-deps
 	$(PY) -m pytest -q tests
 
 # Debian's chromium for the browser test of the HTML output (skipped without it). Only tried as

@@ -87,6 +87,7 @@ def _case(mixer: MixerSpec, **model) -> tuple:
     return build(one_layer(mixer, **model))
 
 
+@pytest.mark.slow
 @settings(
     max_examples=40,
     deadline=None,
@@ -103,6 +104,22 @@ def _case(mixer: MixerSpec, **model) -> tuple:
 @example(case=_case(standard("hf2", norm_group_declared="whole")))
 @example(case=_case(standard("ssm1"), norm="my_rms", final="my_rms", batch=2))
 def test_explained_faithfully_or_refused(case):
+    _faithful_or_refused(case)
+
+
+@settings(
+    max_examples=6,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(case=lookalike_models())
+@example(case=_case(standard("hf1", direction="bi")))
+def test_explained_faithfully_or_refused_smoke(case):
+    _faithful_or_refused(case)
+
+
+def _faithful_or_refused(case):
     model, ids, description = case
     note(description)
     outcome, err = check_verdict(model, ids, description)

@@ -50,22 +50,36 @@ def _relative_delta(exp) -> float:
     return (exp.conservation_delta.abs() / exp.logit.abs().clamp_min(1e-3)).max().item()
 
 
-@settings(max_examples=12, deadline=None)
-@given(
+_CONSERVATION_CASES = dict(
     family=st.sampled_from(sorted(FAMILIES)),
     seed=st.integers(0, 10_000),
     batch=st.integers(2, 3),
     seq=st.integers(1, 40),
     layers=st.integers(1, 3),
 )
-def test_conservation_property(family, seed, batch, seq, layers):
+
+
+def _conserves(family, seed, batch, seq, layers):
     model = zero_biases(FAMILIES[family](seed, num_hidden_layers=layers, use_conv_bias=True))
     ids = torch.randint(0, 64, (batch, seq), generator=torch.Generator().manual_seed(seed))
     exp = mambalrp.explain(model, ids)
     assert _relative_delta(exp) <= 1e-4
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 8, 4), (3, 33, 16, 8), (2, 70, 24, 16)])
+@pytest.mark.slow
+@settings(max_examples=12, deadline=None)
+@given(**_CONSERVATION_CASES)
+def test_conservation_property(family, seed, batch, seq, layers):
+    _conserves(family, seed, batch, seq, layers)
+
+
+@settings(max_examples=3, deadline=None)
+@given(**_CONSERVATION_CASES)
+def test_conservation_property_smoke(family, seed, batch, seq, layers):
+    _conserves(family, seed, batch, seq, layers)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 8, 4), (3, 33, 16, 8), pytest.param((2, 70, 24, 16), marks=pytest.mark.slow)])
 def test_conservation_grid(family, shape):
     batch, seq, hidden, state = shape
     model = zero_biases(FAMILIES[family](seq, hidden_size=hidden, state_size=state))

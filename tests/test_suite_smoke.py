@@ -1,6 +1,7 @@
 """Smoke test of the faithfulness suite: the quick run on a retrieval model, with real checks.
 
-Runs ``python -m benchmarks.suite --quick`` in-process on the zoo's ``kv1-mamba1`` (else
+Runs ``python -m benchmarks.suite --quick`` (marked slow; the default run uses its first 8
+examples in one process, same checks) in-process on the zoo's ``kv1-mamba1`` (else
 ``kv-mamba2``) retrieval model when present (both solve their task on the whole sample), else on a tiny retrieval model trained on the fly
 (about 20 s), writing into a temporary directory. No downloads.
 
@@ -22,10 +23,12 @@ from mambalrp.models.zoo import available_models
 TASK = next((m for m in ("kv1-mamba1", "kv-mamba2") if m in available_models()), "kv-tiny")
 
 
-@pytest.fixture(scope="module")
-def quick(tmp_path_factory):
+@pytest.fixture(scope="module", params=[pytest.param("full", marks=pytest.mark.slow), "smoke"])
+def quick(request, tmp_path_factory):
+    """The quick run (32 examples, slow), or its smoke version: the first 8 examples, one process."""
     out = tmp_path_factory.mktemp("suite")
-    results = main(["--quick", "--tasks", TASK, "--out", str(out)])
+    extra = ["--n-kv", "8", "--jobs", "1"] if request.param == "smoke" else []
+    results = main(["--quick", "--tasks", TASK, "--out", str(out), *extra])
     return out, results
 
 

@@ -21,10 +21,8 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from torch.utils.checkpoint import checkpoint
-
 from mambalrp.functional.scan_fn import scan_lrp_function
-from mambalrp.functional.scan_core import acc, chunk_length, scan_forward
+from mambalrp.functional.scan_core import acc, chunk_length
 
 
 def check_shapes(x, dt, A, B, C, D) -> None:
@@ -47,35 +45,62 @@ def _time_major(t: torch.Tensor, t0: int, t1: int) -> torch.Tensor:
     return t[:, :, t0:t1].permute(2, 0, 1)
 
 
+def _stored_time_major(*ts: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The same ``(b, c, T)`` tensors, stored time-major (a ``(T, b, c)`` contiguous tensor seen
+    as ``(b, c, T)``; no copy for those already stored so): every chunk's steps are then one
+    contiguous block, which the bulk operations per chunk read several times faster."""
+    return [None if t is None else t.permute(2, 0, 1).contiguous().permute(1, 2, 0) for t in ts]
+
+
+def _time_major_empty(like: torch.Tensor, c: int) -> torch.Tensor:
+    """An empty ``(b, c, T)`` tensor stored time-major, shaped like ``like`` ``(b, *, T)``."""
+    return like.new_empty(like.shape[2], like.shape[0], c).permute(1, 2, 0)
+
+
 def _decays(dtc: torch.Tensor, A: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``Abar = exp(dt * A)`` of one chunk, ``(L, b, d, n)``, written into ``out``."""
     return torch.mul(dtc.unsqueeze(-1), A, out=out).exp_()
 
 
-def selective_scan_fwd_torch(x, dt, A, B, C, D, chunk: int | None = None) -> torch.Tensor:
+def _chunk_states(x, dt, A, B, t0: int, t1: int, h0, abar_buf, h_buf) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decays and states of steps ``t0..t1`` entering from state ``h0`` (``None``: zero), written
+    into the buffers. Returns ``(abar, hs)``, both ``(L, b, d, n)``."""
+    dtc = _time_major(dt, t0, t1)
+    abar = _decays(dtc, A, abar_buf[: t1 - t0])
+    hs = h_buf[: t1 - t0]
+    torch.mul((dtc * _time_major(x, t0, t1)).unsqueeze(-1), _time_major(B, t0, t1).unsqueeze(2), out=hs)
+    if h0 is not None:
+        hs[0].addcmul_(abar[0], h0)
+    for i in range(1, t1 - t0):
+        hs[i].addcmul_(abar[i], hs[i - 1])
+    return abar, hs
+
+
+def selective_scan_fwd_torch(
+    x, dt, A, B, C, D, chunk: int | None = None, starts: list[torch.Tensor] | None = None
+) -> torch.Tensor:
     """Chunked forward without autograd; float32 inputs. Returns ``y`` (b, d, T).
 
     Per chunk, the decays and inputs are computed in bulk into two reused ``(L, b, d, n)``
     buffers; the recurrence is one fused multiply-add per step, in place, on a ``(b, d, n)``
     state (this beats a log-depth parallel scan on CPU); ``C . h`` is one batched matmul.
+    With ``starts`` (a list), the state entering every chunk after the first is appended to it
+    (what the true gradient's backward recomputes the chunks from).
     """
     b, d, T = x.shape
     n = A.shape[1]
     chunk = min(T, chunk or chunk_length(b, d, n))
-    y = x.new_empty(b, d, T)
+    x, dt, B, C = _stored_time_major(x, dt, B, C)
+    y = _time_major_empty(x, d)
     abar_buf, h_buf = x.new_empty(chunk, b, d, n), x.new_empty(chunk, b, d, n)
     h = None
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
-        dtc = _time_major(dt, t0, t1)
-        abar = _decays(dtc, A, abar_buf[: t1 - t0])
-        hs = h_buf[: t1 - t0]
-        torch.mul((dtc * _time_major(x, t0, t1)).unsqueeze(-1), _time_major(B, t0, t1).unsqueeze(2), out=hs)
-        if h is not None:
-            hs[0].addcmul_(abar[0], h)
-        for i in range(1, t1 - t0):
-            hs[i].addcmul_(abar[i], hs[i - 1])
-        h = hs[-1].clone()
+        _, hs = _chunk_states(x, dt, A, B, t0, t1, h, abar_buf, h_buf)
+        if t1 < T:
+            h = hs[-1].clone()
+            if starts is not None:
+                starts.append(h)
         y[:, :, t0:t1] = torch.matmul(hs, _time_major(C, t0, t1).unsqueeze(-1)).squeeze(-1).permute(1, 2, 0)
     if D is not None:
         y = torch.addcmul(y, D[:, None], x)
@@ -87,7 +112,8 @@ def selective_scan_lrp_bwd_torch(g, dt, A, B, C, D, chunk: int | None = None) ->
     b, d, T = g.shape
     n = A.shape[1]
     chunk = min(T, chunk or chunk_length(b, d, n))
-    dx = g.new_empty(b, d, T)
+    g, dt, B, C = _stored_time_major(g, dt, B, C)
+    dx = _time_major_empty(g, d)
     abar_buf, s_buf = g.new_empty(chunk, b, d, n), g.new_empty(chunk, b, d, n)
     carry = None  # Abar_{t1} * s_{t1}: what the chunk after this one sends back
     for t0 in reversed(range(0, T, chunk)):
@@ -135,35 +161,107 @@ def selective_scan_lrp(x, dt, A, B, C, D=None) -> torch.Tensor:
     return SelectiveScanLRPFn.apply(x, dt, A, B, C, D)
 
 
-def _differentiable_chunk(x, dt, A, B, C, h0):
-    abar = torch.exp(dt.unsqueeze(-1) * A[:, None, :])  # (b, d, L, n)
-    bbar = dt.unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)
-    prod, hs = scan_forward(abar, bbar * x.unsqueeze(-1))
-    if h0 is not None:
-        hs = hs + prod * h0.unsqueeze(2)
-    return torch.einsum("bdln,bnl->bdl", hs, C), hs[:, :, -1]
+def selective_scan_grad_bwd_torch(
+    g, x, dt, A, B, C, D, starts: list[torch.Tensor], chunk: int, needs: tuple[bool, ...]
+) -> tuple[torch.Tensor | None, ...]:
+    """The true gradient of the selective scan; float32 inputs.
+
+    Walks the chunks backwards: recomputes each chunk's decays and states from the state that
+    entered it (``starts``, saved by the forward), runs the adjoint scan ``s_t = Abar_{t+1} s_{t+1}
+    + C_t g_t`` over it, and reads every gradient off ``s`` and the states::
+
+        dx_t = dt_t (s_t . B_t) + D g_t          dC_t = sum_d g_t h_t
+        dB_t = sum_d dt_t x_t s_t                 q_t = s_t * Abar_t * h_{t-1}
+        ddt_t = x_t (s_t . B_t) + sum_n A q_t     dA = sum_{b,t} dt_t q_t          dD = sum g x
+
+    Returns:
+        ``(dx, ddt, dA, dB, dC, dD)``; an entry is ``None`` where ``needs`` (one flag per input)
+        says its gradient is not wanted.
+    """
+    b, d, T = g.shape
+    n = A.shape[1]
+    chunk = min(T, chunk)
+    g, x, dt, B, C = _stored_time_major(g, x, dt, B, C)
+    dx, ddt = _time_major_empty(g, d), _time_major_empty(g, d)
+    dB, dC = _time_major_empty(g, n), _time_major_empty(g, n)
+    dA = torch.zeros_like(A) if needs[2] else None
+    abar_buf, h_buf, s_buf = (g.new_empty(chunk, b, d, n) for _ in range(3))
+    carry = None  # Abar_{t1} * s_{t1}: what the chunk after this one sends back
+    for index, t0 in reversed(list(enumerate(range(0, T, chunk)))):
+        t1 = min(T, t0 + chunk)
+        last = t1 - t0 - 1
+        h0 = starts[index - 1] if index else None
+        abar, hs = _chunk_states(x, dt, A, B, t0, t1, h0, abar_buf, h_buf)
+        gc, xc, dtc = _time_major(g, t0, t1), _time_major(x, t0, t1), _time_major(dt, t0, t1)
+        Bc, Cc = _time_major(B, t0, t1), _time_major(C, t0, t1)
+        dC[:, :, t0:t1] = torch.matmul(gc.unsqueeze(2), hs).squeeze(2).permute(1, 2, 0)
+        s = s_buf[: last + 1]
+        torch.mul(gc.unsqueeze(-1), Cc.unsqueeze(2), out=s)
+        if carry is not None:
+            s[last] += carry
+        for i in range(last - 1, -1, -1):
+            s[i].addcmul_(abar[i + 1], s[i + 1])
+        carry = abar[0] * s[0]
+        sB = torch.matmul(s, Bc.unsqueeze(-1)).squeeze(-1)  # (L, b, d)
+        dx[:, :, t0:t1] = (dtc * sB).permute(1, 2, 0)
+        dB[:, :, t0:t1] = torch.matmul((dtc * xc).unsqueeze(2), s).squeeze(2).permute(1, 2, 0)
+        # q_t = s_t * Abar_t * h_{t-1}, built in the decay buffer (h_{-1} of the first chunk is 0).
+        q = abar
+        q[1:].mul_(hs[:-1])
+        if h0 is None:
+            q[0].zero_()
+        else:
+            q[0].mul_(h0)
+        q.mul_(s)
+        ddt[:, :, t0:t1] = torch.addcmul(torch.mul(q, A, out=hs).sum(-1), xc, sB).permute(1, 2, 0)
+        if dA is not None:
+            dA += torch.einsum("lbdn,lbd->dn", q, dtc)
+    dD = None
+    if D is not None:
+        dx = torch.addcmul(dx, D[:, None], g)
+        if needs[5]:
+            dD = (g * x).sum((0, 2))
+    return tuple(t if need else None for t, need in zip((dx, ddt, dA, dB, dC, dD), needs))
+
+
+class SelectiveScanGradFn(torch.autograd.Function):
+    """Forward: the chunked selective scan. Backward: its true gradient in every input, by
+    recomputing one chunk's states at a time (memory stays linear in ``T``)."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, chunk):
+        inputs = [acc(t) for t in (x, dt, A, B, C, D)]
+        starts: list[torch.Tensor] = []
+        y = selective_scan_fwd_torch(*inputs, chunk=chunk, starts=starts)
+        ctx.save_for_backward(*[t for t in inputs if t is not None], *starts)
+        ctx.has_d, ctx.chunk, ctx.starts = D is not None, chunk, len(starts)
+        ctx.dtypes = [None if t is None else t.dtype for t in (x, dt, A, B, C, D)]
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = list(ctx.saved_tensors)
+        starts = saved[len(saved) - ctx.starts:]
+        x, dt, A, B, C, *rest = saved[: len(saved) - ctx.starts]
+        D = rest[0] if ctx.has_d else None
+        grads = selective_scan_grad_bwd_torch(
+            acc(grad_out).contiguous(), x, dt, A, B, C, D, starts, ctx.chunk, tuple(ctx.needs_input_grad[:6])
+        )
+        out = [None if gr is None else gr.to(dtype) for gr, dtype in zip(grads, ctx.dtypes)]
+        return (*out, None)
 
 
 def selective_scan_grad(x, dt, A, B, C, D=None, chunk: int | None = None) -> torch.Tensor:
     """Selective scan with its true gradient (for gradient x input and rule ablations).
 
-    Each chunk is checkpointed, so memory stays linear in T; the backward recomputes one chunk
-    at a time. Arguments as in :func:`selective_scan_lrp`.
+    The same chunked forward as :func:`selective_scan_lrp`; the backward
+    (:class:`SelectiveScanGradFn`) recomputes one chunk's states at a time from the states saved
+    at the chunk borders, so memory stays linear in T. Arguments as in
+    :func:`selective_scan_lrp`; every input that requires a gradient gets its true gradient.
     """
     check_shapes(x, dt, A, B, C, D)
-    x32, dt32, A32, B32, C32 = (acc(t) for t in (x, dt, A, B, C))
-    b, d, T = x.shape
-    chunk = chunk or chunk_length(b, d, A.shape[1])
-    outs, h = [], None
-    for t0 in range(0, T, chunk):
-        t1 = min(T, t0 + chunk)
-        args = (x32[:, :, t0:t1], dt32[:, :, t0:t1], A32, B32[:, :, t0:t1], C32[:, :, t0:t1], h)
-        y, h = checkpoint(_differentiable_chunk, *args, use_reentrant=False)
-        outs.append(y)
-    y = torch.cat(outs, dim=-1)
-    if D is not None:
-        y = y + acc(D)[:, None] * x32
-    return y
+    b, d, _ = x.shape
+    return SelectiveScanGradFn.apply(x, dt, A, B, C, D, chunk or chunk_length(b, d, A.shape[1]))
 
 
 def selective_scan(x, dt, A, B, C, D=None, rule: Literal["lrp", "gradient"] = "lrp") -> torch.Tensor:

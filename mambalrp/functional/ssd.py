@@ -19,12 +19,12 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from mambalrp.functional.scan_fn import scan_lrp_function
+from mambalrp.functional import scan_core
 from mambalrp.functional.scan_core import acc
 
-DEFAULT_CHUNK = 64
+DEFAULT_CHUNK = 32
 
 
 def check_shapes(x, dt, A, B, C, D) -> None:
@@ -54,63 +54,118 @@ def _skip(D: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor | None:
     return (D[:, None] if D.dim() == 1 else D) * v
 
 
-def _chunk_decays(dt_c: torch.Tensor, A: torch.Tensor):
-    """Cumulative log decay ``la (b, L, h)`` and the masked segment decays ``(b, l, s, h)``."""
-    la = torch.cumsum(dt_c * A, dim=1)
-    seg = la[:, :, None, :] - la[:, None, :, :]
-    L = dt_c.shape[1]
-    causal = torch.ones(L, L, dtype=torch.bool, device=dt_c.device).tril()
-    return la, torch.exp(seg.masked_fill(~causal[None, :, :, None], float("-inf")))
+def _chunks_per_block(b: int, h: int, p: int, n: int, chunk: int) -> int:
+    """How many chunks one block handles at once: its largest working tensors (the ``(L, L)``
+    decays and the states, per chunk) stay near ``CHUNK_ELEMENTS``."""
+    per_chunk = b * max(chunk * chunk * h, h * p * n, chunk * h * max(p, n))
+    return max(1, scan_core.CHUNK_ELEMENTS // per_chunk)
 
 
-def _ssd_chunk(x, dt, A, B, C, h0):
-    """One chunk, differentiable. B, C already per head. Returns ``(y, h_last)``."""
-    la, decay = _chunk_decays(dt, A)
-    xd = x * dt.unsqueeze(-1)
-    scores = torch.einsum("blhn,bshn->blsh", C, B) * decay
-    y = torch.einsum("blsh,bshp->blhp", scores, xd)
-    to_end = torch.exp(la[:, -1:, :] - la)
-    h_last = torch.einsum("blhn,blhp->bhpn", B * to_end.unsqueeze(-1), xd)
-    if h0 is not None:
-        y = y + torch.einsum("blhn,bhpn->blhp", C, h0) * torch.exp(la).unsqueeze(-1)
-        h_last = h_last + torch.exp(la[:, -1])[:, :, None, None] * h0
-    return y, h_last
+def _split(t: torch.Tensor, t0: int, t1: int, chunk: int) -> torch.Tensor:
+    """Steps ``t0..t1`` of a ``(b, T, ...)`` tensor as ``(b, k, chunk, ...)``, zero-padded to whole
+    chunks (a padded step has ``dt = 0``: no decay and no input, so it changes nothing)."""
+    part = t[:, t0:t1]
+    pad = (-part.shape[1]) % chunk
+    if pad:
+        part = torch.cat([part, part.new_zeros(part.shape[0], pad, *part.shape[2:])], dim=1)
+    return part.reshape(part.shape[0], -1, chunk, *part.shape[2:])
 
 
-def ssd_scan_fwd_torch(x, dt, A, B, C, D, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """Chunked forward without autograd; float32 inputs. Returns ``y`` (b, T, h, p)."""
-    heads = x.shape[2]
+def _unsplit(t: torch.Tensor, length: int) -> torch.Tensor:
+    """``(b, k, L, ...)`` back to the first ``length`` steps of ``(b, k * L, ...)``."""
+    return t.reshape(t.shape[0], -1, *t.shape[3:])[:, :length]
+
+
+def _block_terms(dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor):
+    """Per-chunk terms of a block of chunks ``(b, k, L, ...)``: the cumulative log decay
+    ``la (b, k, L, h)``, the masked segment decays ``(b, k, l, s, h)`` and the scores
+    ``(C_l . B_s) * decay``."""
+    la = torch.cumsum(dt * A, dim=2)
+    L = dt.shape[2]
+    above = torch.ones(L, L, dtype=torch.bool, device=dt.device).triu(1)[:, :, None]
+    seg = (la[:, :, :, None, :] - la[:, :, None, :, :]).masked_fill_(above, float("-inf"))
+    decay = seg.exp_()
+    scores = torch.einsum("bclhn,bcshn->bclsh", C, B).mul_(decay)
+    return la, decay, scores
+
+
+def _pass_states(local: torch.Tensor, decay_end: torch.Tensor, h: torch.Tensor | None):
+    """States entering each chunk of a block: ``H_0 = h`` (zero if ``None``),
+    ``H_{j+1} = decay_end_j H_j + local_j``. Returns ``(entering (b, k, h, p, n), H_k)``."""
+    entering = torch.empty_like(local)
+    h = torch.zeros_like(local[:, 0]) if h is None else h
+    for j in range(local.shape[1]):
+        entering[:, j] = h
+        h = torch.addcmul(local[:, j], decay_end[:, j, :, None, None], h)
+    return entering, h
+
+
+def _pass_gradients(local: torch.Tensor, decay_end: torch.Tensor, g: torch.Tensor | None):
+    """The adjoint of :func:`_pass_states`: ``g`` is the gradient of the state after the block
+    (zero if ``None``), ``local`` the gradient each chunk's outputs send to the state entering
+    it. Returns ``(ends (b, k, h, p, n), entering)``: the gradient of the state at the end of
+    each chunk, and that of the state entering the block."""
+    ends = torch.empty_like(local)
+    g = torch.zeros_like(local[:, 0]) if g is None else g
+    for j in reversed(range(local.shape[1])):
+        ends[:, j] = g
+        g = torch.addcmul(local[:, j], decay_end[:, j, :, None, None], g)
+    return ends, g
+
+
+def _layout(x: torch.Tensor, B: torch.Tensor, chunk: int) -> tuple[int, int]:
+    """``(chunk, span)``: the chunk length used for ``x`` and the steps of one block."""
+    b, T, h, p = x.shape
+    chunk = max(1, min(chunk, T))
+    return chunk, chunk * _chunks_per_block(b, h, p, B.shape[-1], chunk)
+
+
+def ssd_scan_fwd_torch(x, dt, A, B, C, D, chunk: int = DEFAULT_CHUNK, starts: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Chunked forward without autograd; float32 inputs. Returns ``y`` (b, T, h, p).
+
+    Chunks are handled a block at a time: the terms inside every chunk of a block are batched
+    tensor operations, and only the ``(b, h, p, n)`` state passed from chunk to chunk is a loop.
+    With ``starts`` (a list), the states entering the chunks of each block, ``(b, k, h, p, n)``,
+    are appended to it (what the true gradient's backward restarts from)."""
+    T, heads = x.shape[1], x.shape[2]
     B, C = _heads(B, heads), _heads(C, heads)
+    chunk, span = _layout(x, B, chunk)
     y = torch.empty_like(x)
     h = None
-    for t0 in range(0, x.shape[1], chunk):
-        sl = slice(t0, t0 + chunk)
-        y[:, sl], h = _ssd_chunk(x[:, sl], dt[:, sl], A, B[:, sl], C[:, sl], h)
+    for t0 in range(0, T, span):
+        t1 = min(T, t0 + span)
+        xs, dts, Bs, Cs = (_split(t, t0, t1, chunk) for t in (x, dt, B, C))
+        la, _, scores = _block_terms(dts, A, Bs, Cs)
+        xd = xs * dts.unsqueeze(-1)
+        out = torch.einsum("bclsh,bcshp->bclhp", scores, xd)
+        to_end = torch.exp(la[:, :, -1:] - la).unsqueeze(-1)
+        local = torch.einsum("bclhn,bclhp->bchpn", Bs * to_end, xd)
+        entering, h = _pass_states(local, torch.exp(la[:, :, -1]), h)
+        if starts is not None:
+            starts.append(entering)
+        out += torch.einsum("bclhn,bchpn->bclhp", Cs, entering) * torch.exp(la).unsqueeze(-1)
+        y[:, t0:t1] = _unsplit(out, t1 - t0)
     skip = _skip(D, x)
     return y if skip is None else y + skip
 
 
 def ssd_scan_lrp_bwd_torch(g, dt, A, B, C, D, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     """Adjoint scan of the SSM rule; float32 inputs. Returns ``dx`` (b, T, h, p)."""
-    heads = g.shape[2]
+    T, heads = g.shape[1], g.shape[2]
     B, C = _heads(B, heads), _heads(C, heads)
+    chunk, span = _layout(g, B, chunk)
     dx = torch.empty_like(g)
-    gh = None  # gradient of the state at the end of the current chunk, from later chunks
-    T = g.shape[1]
-    for t0 in reversed(range(0, T, chunk)):
-        sl = slice(t0, t0 + chunk)
-        g_c, dt_c, B_c, C_c = g[:, sl], dt[:, sl], B[:, sl], C[:, sl]
-        la, decay = _chunk_decays(dt_c, A)
-        scores = torch.einsum("blhn,bshn->blsh", C_c, B_c) * decay
-        gxd = torch.einsum("blsh,blhp->bshp", scores, g_c)
-        if gh is not None:
-            to_end = torch.exp(la[:, -1:, :] - la)
-            gxd = gxd + torch.einsum("bshn,bhpn->bshp", B_c * to_end.unsqueeze(-1), gh)
-        dx[:, sl] = gxd * dt_c.unsqueeze(-1)
-        gh_new = torch.einsum("blhn,blhp->bhpn", C_c * torch.exp(la).unsqueeze(-1), g_c)
-        if gh is not None:
-            gh_new = gh_new + torch.exp(la[:, -1])[:, :, None, None] * gh
-        gh = gh_new
+    gh = None  # gradient of the state after the current block, from later blocks
+    for t0 in reversed(range(0, T, span)):
+        t1 = min(T, t0 + span)
+        gs, dts, Bs, Cs = (_split(t, t0, t1, chunk) for t in (g, dt, B, C))
+        la, _, scores = _block_terms(dts, A, Bs, Cs)
+        dxd = torch.einsum("bclsh,bclhp->bcshp", scores, gs)
+        local = torch.einsum("bclhn,bclhp->bchpn", Cs * torch.exp(la).unsqueeze(-1), gs)
+        ends, gh = _pass_gradients(local, torch.exp(la[:, :, -1]), gh)
+        to_end = torch.exp(la[:, :, -1:] - la).unsqueeze(-1)
+        dxd += torch.einsum("bcshn,bchpn->bcshp", Bs * to_end, ends)
+        dx[:, t0:t1] = _unsplit(dxd * dts.unsqueeze(-1), t1 - t0)
     skip = _skip(D, g)
     return dx if skip is None else dx + skip
 
@@ -141,20 +196,113 @@ def ssd_scan_lrp(x, dt, A, B, C, D=None) -> torch.Tensor:
     return SSDScanLRPFn.apply(x, dt, A, B, C, D)
 
 
+def _block_grad(g, x, dt, A, B, C, entering, gh):
+    """Gradients of one block of chunks ``(b, k, L, ...)`` (B, C per head), from the states
+    entering its chunks and the gradient ``gh`` of the state after it (``None``: zero).
+
+    Returns:
+        ``(dx, ddt, dA, dB, dC, g_entering)``, the last the gradient of the state entering the
+        block.
+    """
+    la, decay, scores = _block_terms(dt, A, B, C)
+    xd = x * dt.unsqueeze(-1)
+    grown = g * torch.exp(la).unsqueeze(-1)
+    decay_end = torch.exp(la[:, :, -1])
+    ends, g_entering = _pass_gradients(torch.einsum("bclhp,bclhn->bchpn", grown, C), decay_end, gh)
+    dxd = torch.einsum("bclsh,bclhp->bcshp", scores, g)
+    dscores = torch.einsum("bclhp,bcshp->bclsh", g, xd)
+    dseg = dscores * scores  # gradient of the log segment decays (zero above the diagonal)
+    dscores.mul_(decay)  # now the gradient of C_l . B_s
+    dC = torch.einsum("bclsh,bcshn->bclhn", dscores, B)
+    dB = torch.einsum("bclsh,bclhn->bcshn", dscores, C)
+    dla = dseg.sum(3) - dseg.sum(2)  # la_l enters as +la_l in row l and as -la_s in column s
+    # The state entering each chunk, read by its outputs: y_l += exp(la_l) C_l H.
+    dC += torch.einsum("bclhp,bchpn->bclhn", grown, entering)
+    dla += (grown * torch.einsum("bclhn,bchpn->bclhp", C, entering)).sum(-1)
+    # Each step's input carried to the chunk's end: H_end += exp(la_end - la_s) B_s xd_s.
+    to_end = torch.exp(la[:, :, -1:] - la)
+    ghB = torch.einsum("bcshn,bchpn->bcshp", B, ends)
+    dxd += ghB * to_end.unsqueeze(-1)
+    dB += torch.einsum("bcshp,bchpn->bcshn", xd * to_end.unsqueeze(-1), ends)
+    dw = (xd * ghB).sum(-1) * to_end
+    dla -= dw
+    dla[:, :, -1] += dw.sum(2) + decay_end * (ends * entering).sum((-1, -2))
+    da = dla.flip(2).cumsum(2).flip(2)  # la = cumsum(dt * A) within each chunk
+    dx = dxd * dt.unsqueeze(-1)
+    ddt = (dxd * x).sum(-1) + da * A
+    dA = (da * dt).sum((0, 1, 2))
+    return dx, ddt, dA, dB, dC, g_entering
+
+
+def _group_sum(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per-head ``(b, T, h, n)`` gradients summed back onto ``groups`` shared groups."""
+    b, T, h, n = t.shape
+    return t if groups == h else t.reshape(b, T, groups, h // groups, n).sum(3)
+
+
+def ssd_scan_grad_bwd_torch(g, x, dt, A, B, C, D, starts: list[torch.Tensor], chunk: int, needs: tuple[bool, ...]):
+    """The true gradient of the SSD scan; float32 inputs.
+
+    Walks the blocks of chunks backwards from the states saved by the forward (``starts``),
+    carrying the gradient of the state between blocks, with each block's gradients in closed
+    form (:func:`_block_grad`).
+
+    Returns:
+        ``(dx, ddt, dA, dB, dC, dD)``; an entry is ``None`` where ``needs`` says it is not wanted.
+    """
+    heads, groups, T = x.shape[2], B.shape[2], x.shape[1]
+    Bh, Ch = _heads(B, heads), _heads(C, heads)
+    chunk, span = _layout(x, Bh, chunk)
+    dx, ddt = torch.empty_like(x), torch.empty_like(dt)
+    dB, dC = torch.empty_like(B), torch.empty_like(C)
+    dA = torch.zeros_like(A)
+    gh = None
+    for index, t0 in reversed(list(enumerate(range(0, T, span)))):
+        t1 = min(T, t0 + span)
+        gs, xs, dts, Bs, Cs = (_split(t, t0, t1, chunk) for t in (g, x, dt, Bh, Ch))
+        dx_b, ddt_b, dA_b, dB_b, dC_b, gh = _block_grad(gs, xs, dts, A, Bs, Cs, starts[index], gh)
+        dA += dA_b
+        dx[:, t0:t1], ddt[:, t0:t1] = _unsplit(dx_b, t1 - t0), _unsplit(ddt_b, t1 - t0)
+        dB[:, t0:t1] = _group_sum(_unsplit(dB_b, t1 - t0), groups)
+        dC[:, t0:t1] = _group_sum(_unsplit(dC_b, t1 - t0), groups)
+    dD = None
+    if D is not None:
+        dx += _skip(D, g)
+        if needs[5]:
+            gx = g * x
+            dD = gx.sum((0, 1, 3)) if D.dim() == 1 else gx.sum((0, 1))
+    return tuple(t if need else None for t, need in zip((dx, ddt, dA, dB, dC, dD), needs))
+
+
+class SSDScanGradFn(torch.autograd.Function):
+    """Forward: the chunked SSD scan. Backward: its true gradient in every input, chunk by chunk
+    from the states saved at the chunk borders."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, chunk):
+        inputs = [acc(t) for t in (x, dt, A, B, C, D)]
+        starts: list[torch.Tensor] = []
+        y = ssd_scan_fwd_torch(*inputs, chunk=chunk, starts=starts)
+        ctx.save_for_backward(*[t for t in inputs if t is not None], *starts)
+        ctx.has_d, ctx.chunk, ctx.starts = D is not None, chunk, len(starts)
+        ctx.dtypes = [None if t is None else t.dtype for t in (x, dt, A, B, C, D)]
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = list(ctx.saved_tensors)
+        starts = saved[len(saved) - ctx.starts:]
+        x, dt, A, B, C, *rest = saved[: len(saved) - ctx.starts]
+        D = rest[0] if ctx.has_d else None
+        grads = ssd_scan_grad_bwd_torch(acc(grad_out), x, dt, A, B, C, D, starts, ctx.chunk, tuple(ctx.needs_input_grad[:6]))
+        out = [None if gr is None else gr.to(dtype) for gr, dtype in zip(grads, ctx.dtypes)]
+        return (*out, None)
+
+
 def ssd_scan_grad(x, dt, A, B, C, D=None, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """SSD scan with its true gradient; each chunk checkpointed. Arguments as in :func:`ssd_scan_lrp`."""
+    """SSD scan with its true gradient (:class:`SSDScanGradFn`). Arguments as in :func:`ssd_scan_lrp`."""
     check_shapes(x, dt, A, B, C, D)
-    heads = x.shape[2]
-    x32, dt32, A32 = acc(x), acc(dt), acc(A)
-    B32, C32 = _heads(acc(B), heads), _heads(acc(C), heads)
-    outs, h = [], None
-    for t0 in range(0, x.shape[1], chunk):
-        sl = slice(t0, t0 + chunk)
-        y, h = checkpoint(_ssd_chunk, x32[:, sl], dt32[:, sl], A32, B32[:, sl], C32[:, sl], h, use_reentrant=False)
-        outs.append(y)
-    y = torch.cat(outs, dim=1)
-    skip = _skip(acc(D), x32)
-    return y if skip is None else y + skip
+    return SSDScanGradFn.apply(x, dt, A, B, C, D, chunk)
 
 
 def ssd_scan(x, dt, A, B, C, D=None, rule: Literal["lrp", "gradient"] = "lrp") -> torch.Tensor:
