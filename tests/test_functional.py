@@ -241,3 +241,35 @@ def test_scan_shape_errors():
     x, dt, A, B, C, D = _ssd_inputs(T=5)
     with pytest.raises(ValueError, match="heads % groups"):
         ops.ssd_scan_lrp(x, dt, A, B[:, :, :1].expand(-1, -1, 3, -1), C, D)
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 7, 40])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_ssd_state_passing_closed_form_equals_the_recurrence(chunks, with_state):
+    """The SSD scan passes states between chunks in closed form; it must equal the recurrence
+    ``H_{j+1} = d_j H_j + local_j`` (and its adjoint), also with a decay of exactly zero."""
+    from mambalrp.functional import ssd
+
+    gen = torch.Generator().manual_seed(chunks)
+    local = torch.randn(2, chunks, 3, 4, 5, dtype=torch.float64, generator=gen)
+    decay = torch.rand(2, chunks, 3, dtype=torch.float64, generator=gen)
+    decay[0, 0, 0] = 0.0
+    h = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=gen) if with_state else None
+
+    state = torch.zeros_like(local[:, 0]) if h is None else h
+    entering = []
+    for j in range(chunks):
+        entering.append(state)
+        state = decay[:, j, :, None, None] * state + local[:, j]
+    got_entering, got_after = ssd._pass_states(local, decay, h)
+    torch.testing.assert_close(got_entering, torch.stack(entering, 1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_after, state, rtol=1e-12, atol=1e-12)
+
+    grad = torch.zeros_like(local[:, 0]) if h is None else h
+    ends = [None] * chunks
+    for j in reversed(range(chunks)):
+        ends[j] = grad
+        grad = decay[:, j, :, None, None] * grad + local[:, j]
+    got_ends, got_in = ssd._pass_gradients(local, decay, h)
+    torch.testing.assert_close(got_ends, torch.stack(ends, 1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_in, grad, rtol=1e-12, atol=1e-12)
