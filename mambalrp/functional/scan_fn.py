@@ -1,4 +1,4 @@
-"""The autograd Function shared by both scan rules.
+"""The autograd Functions shared by the scans: the SSM rule, and the true gradient.
 
 Both scans are linear in ``x`` once ``dt``, the decays, ``B`` and ``C`` are held constant, so the
 SSM rule's backward is the adjoint scan applied to the incoming gradient, and only ``x`` gets a
@@ -63,3 +63,46 @@ def scan_lrp_function(op: str, torch_fwd: ScanImpl, torch_bwd: ScanImpl, doc: st
 
     ScanLRPFn.__doc__ = doc
     return ScanLRPFn
+
+
+def scan_grad_function(torch_fwd: ScanImpl, torch_grad_bwd: ScanImpl, doc: str) -> type[torch.autograd.Function]:
+    """Build the ``torch.autograd.Function`` of a scan with its true gradient (Gradient x Input,
+    rule ablations).
+
+    Args:
+        torch_fwd: ``(x, dt, A, B, C, D, chunk=, starts=) -> y`` on accumulation-dtype tensors;
+            appends to ``starts`` the states the backward restarts from.
+        torch_grad_bwd: ``(g, x, dt, A, B, C, D, starts, chunk, needs) -> (dx, ddt, dA, dB, dC,
+            dD)``, each ``None`` where ``needs`` says so.
+        doc: Docstring of the class.
+
+    Returns:
+        A Function whose ``apply(x, dt, A, B, C, D, chunk)`` returns ``y`` in the accumulation
+        dtype; memory stays linear in ``T`` (only the saved states, not every step's).
+    """
+
+    class ScanGradFn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, dt, A, B, C, D, chunk):
+            inputs = [acc(t) for t in (x, dt, A, B, C, D)]
+            starts: list[torch.Tensor] = []
+            y = torch_fwd(*inputs, chunk=chunk, starts=starts)
+            ctx.save_for_backward(*[t for t in inputs if t is not None], *starts)
+            ctx.has_d, ctx.chunk, ctx.starts = D is not None, chunk, len(starts)
+            ctx.dtypes = [None if t is None else t.dtype for t in (x, dt, A, B, C, D)]
+            return y
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            saved = list(ctx.saved_tensors)
+            starts = saved[len(saved) - ctx.starts :]
+            x, dt, A, B, C, *rest = saved[: len(saved) - ctx.starts]
+            D = rest[0] if ctx.has_d else None
+            grads = torch_grad_bwd(
+                acc(grad_out).contiguous(), x, dt, A, B, C, D, starts, ctx.chunk, tuple(ctx.needs_input_grad[:6])
+            )
+            out = [None if gr is None else gr.to(dtype) for gr, dtype in zip(grads, ctx.dtypes)]
+            return (*out, None)
+
+    ScanGradFn.__doc__ = doc
+    return ScanGradFn

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from mambalrp.functional.scan_fn import scan_lrp_function
+from mambalrp.functional.scan_fn import scan_grad_function, scan_lrp_function
 from mambalrp.functional.scan_core import acc, chunk_length
 
 
@@ -224,31 +224,11 @@ def selective_scan_grad_bwd_torch(
     return tuple(t if need else None for t, need in zip((dx, ddt, dA, dB, dC, dD), needs))
 
 
-class SelectiveScanGradFn(torch.autograd.Function):
-    """Forward: the chunked selective scan. Backward: its true gradient in every input, by
-    recomputing one chunk's states at a time (memory stays linear in ``T``)."""
-
-    @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, chunk):
-        inputs = [acc(t) for t in (x, dt, A, B, C, D)]
-        starts: list[torch.Tensor] = []
-        y = selective_scan_fwd_torch(*inputs, chunk=chunk, starts=starts)
-        ctx.save_for_backward(*[t for t in inputs if t is not None], *starts)
-        ctx.has_d, ctx.chunk, ctx.starts = D is not None, chunk, len(starts)
-        ctx.dtypes = [None if t is None else t.dtype for t in (x, dt, A, B, C, D)]
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        saved = list(ctx.saved_tensors)
-        starts = saved[len(saved) - ctx.starts:]
-        x, dt, A, B, C, *rest = saved[: len(saved) - ctx.starts]
-        D = rest[0] if ctx.has_d else None
-        grads = selective_scan_grad_bwd_torch(
-            acc(grad_out).contiguous(), x, dt, A, B, C, D, starts, ctx.chunk, tuple(ctx.needs_input_grad[:6])
-        )
-        out = [None if gr is None else gr.to(dtype) for gr, dtype in zip(grads, ctx.dtypes)]
-        return (*out, None)
+SelectiveScanGradFn = scan_grad_function(
+    selective_scan_fwd_torch,
+    selective_scan_grad_bwd_torch,
+    "Forward: the chunked selective scan. Backward: its true gradient in every input, by recomputing one chunk's states at a time (memory stays linear in ``T``).",
+)
 
 
 def selective_scan_grad(x, dt, A, B, C, D=None, chunk: int | None = None) -> torch.Tensor:

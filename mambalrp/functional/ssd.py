@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from mambalrp.functional.scan_fn import scan_lrp_function
+from mambalrp.functional.scan_fn import scan_grad_function, scan_lrp_function
 from mambalrp.functional import scan_core
 from mambalrp.functional.scan_core import acc
 
@@ -274,29 +274,11 @@ def ssd_scan_grad_bwd_torch(g, x, dt, A, B, C, D, starts: list[torch.Tensor], ch
     return tuple(t if need else None for t, need in zip((dx, ddt, dA, dB, dC, dD), needs))
 
 
-class SSDScanGradFn(torch.autograd.Function):
-    """Forward: the chunked SSD scan. Backward: its true gradient in every input, chunk by chunk
-    from the states saved at the chunk borders."""
-
-    @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, chunk):
-        inputs = [acc(t) for t in (x, dt, A, B, C, D)]
-        starts: list[torch.Tensor] = []
-        y = ssd_scan_fwd_torch(*inputs, chunk=chunk, starts=starts)
-        ctx.save_for_backward(*[t for t in inputs if t is not None], *starts)
-        ctx.has_d, ctx.chunk, ctx.starts = D is not None, chunk, len(starts)
-        ctx.dtypes = [None if t is None else t.dtype for t in (x, dt, A, B, C, D)]
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        saved = list(ctx.saved_tensors)
-        starts = saved[len(saved) - ctx.starts:]
-        x, dt, A, B, C, *rest = saved[: len(saved) - ctx.starts]
-        D = rest[0] if ctx.has_d else None
-        grads = ssd_scan_grad_bwd_torch(acc(grad_out), x, dt, A, B, C, D, starts, ctx.chunk, tuple(ctx.needs_input_grad[:6]))
-        out = [None if gr is None else gr.to(dtype) for gr, dtype in zip(grads, ctx.dtypes)]
-        return (*out, None)
+SSDScanGradFn = scan_grad_function(
+    ssd_scan_fwd_torch,
+    ssd_scan_grad_bwd_torch,
+    'Forward: the chunked SSD scan. Backward: its true gradient in every input, chunk by chunk from the states saved at the chunk borders.',
+)
 
 
 def ssd_scan_grad(x, dt, A, B, C, D=None, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
