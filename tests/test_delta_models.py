@@ -15,14 +15,10 @@ from torch import nn
 
 import mambalrp
 from delta_models import DELTA_MODELS, make
-from tests_support import assert_same_state_simple
+from tests_support import assert_same_state_simple, relative_conservation_error
 
 IDS = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
 CP = mambalrp.MAMBALRP.with_attention("cp")
-
-
-def _relative(exp: mambalrp.Explanation) -> float:
-    return (exp.conservation_delta.abs() / exp.logit.abs()).max().item()
 
 
 @pytest.fixture(scope="module", params=sorted(DELTA_MODELS))
@@ -78,9 +74,9 @@ def test_rules_cover_the_graph_and_conserve(family):
     assert report.total_relative_error <= 1e-4
     attn = mambalrp.explain(model, IDS, verify=False)  # default: AttnLRP on attention (verified below)
     torch.testing.assert_close(attn.logit, report.logit)
-    assert 1e-4 < _relative(attn) < 1.0
+    assert 1e-4 < relative_conservation_error(attn) < 1.0
     gi = mambalrp.explain(model, IDS, rules="gradient", verify=False)
-    assert _relative(gi) > 100 * max(report.total_relative_error, 1e-7)
+    assert relative_conservation_error(gi) > 100 * max(report.total_relative_error, 1e-7)
 
 
 def test_left_padding(delta_model):
@@ -95,7 +91,7 @@ def test_left_padding(delta_model):
     exp = mambalrp.explain(model, IDS, attention_mask=mask, rules=CP)
     assert exp.verified and torch.isfinite(exp.relevance).all()
     assert torch.all(exp.relevance[0, :3] == 0)
-    assert _relative(exp) <= 1e-4
+    assert relative_conservation_error(exp) <= 1e-4
 
 
 @pytest.mark.slow
@@ -104,7 +100,7 @@ def test_longer_than_a_chunk_is_verified_and_conserves(delta_model):
     _, model = delta_model
     ids = torch.randint(0, 64, (1, 150), generator=torch.Generator().manual_seed(4))
     exp = mambalrp.explain(model, ids, rules=CP)
-    assert exp.verified and _relative(exp) <= 1e-4
+    assert exp.verified and relative_conservation_error(exp) <= 1e-4
 
 
 def test_value_path_only_under_the_rules():

@@ -57,3 +57,8 @@ class SquashedHead(nn.Module):
     def forward(self, input_ids, **kwargs):
         hidden = self.inner.backbone(input_ids, **kwargs).last_hidden_state
         return self.inner.lm_head(self.squash(hidden))
+
+
+def relative_conservation_error(exp) -> float:
+    """Largest ``|logit - sum(R)| / |logit|`` over the explanation's rows."""
+    return (exp.conservation_delta.abs() / exp.logit.abs()).max().item()
