@@ -216,11 +216,8 @@ class Explanation:
             scale = max((abs(v) for _, v in shown), default=0.0) or 1.0
             head = [f"logit {self.logit[i].item():+.4f}", f"sum(R) {sum(rel):+.4f}"]
             if self.kind == "generation":
-                step = int(self.position[i]) - (self.prompt_length or 0) + 1
-                tgt = int(self.target[i])
-                known = self.tokens is not None and self.spans is None
-                name = self.tokens[0][int(self.position[i]) + 1] if known else str(tgt)
-                head.insert(0, f"step {step} -> {_clean(name)!r} ({tgt})")
+                step, name = self._step(i)
+                head.insert(0, f"step {step} -> {_clean(name)!r} ({int(self.target[i])})")
                 if self.contrast is not None:
                     head.insert(1, f"vs {int(self.contrast[i])}")
             else:
@@ -275,14 +272,21 @@ class Explanation:
             rows.append([t for t, k in zip(strings, keep) if k])
             values.append([v for v, k in zip(rel, keep) if k])
             if self.kind == "generation":
-                pos = int(self.position[i]) + 1
-                name = self.tokens[0][pos] if self.tokens is not None and self.spans is None else str(int(self.target[i]))
-                labels.append(f"step {i + 1}: {name}")
+                step, name = self._step(i)
+                labels.append(f"step {step}: {name}")
             elif self.target is not None:
                 labels.append(f"target {int(self.target[i])}")
             else:
                 labels.append(f"row {i}")
         return rows, values, labels
+
+    def _step(self, i: int) -> tuple[int, str]:
+        """Row ``i`` of a generation: its step number (1 = the first generated token) and the
+        generated token's string (its id when no token strings are known)."""
+        position = int(self.position[i])
+        known = self.tokens is not None and self.spans is None
+        name = self.tokens[0][position + 1] if known else str(int(self.target[i]))
+        return position - (self.prompt_length or 0) + 2, name
 
     def _caption(self) -> str:
         delta = self.conservation_delta.abs().max().item() if len(self) else 0.0
@@ -375,8 +379,7 @@ class Explanation:
             for i in range(len(self)):
                 _, keep, _ = self._columns(r, strings, None, i)
                 matrix[i, [j for j, k in enumerate(keep) if not k]] = np.nan
-            _, _, labels = self.heatmap_rows()
-            row_labels = [label.split(": ", 1)[1] for label in labels]
+            row_labels = [self._step(i)[1] for i in range(len(self))]
             return visualize.plot_matrix(
                 matrix, row_labels=row_labels, col_labels=strings, ax=ax, title=title or self._title(), normalization=normalization
             )

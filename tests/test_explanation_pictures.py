@@ -86,6 +86,8 @@ def test_generation_html_rows_show_only_what_each_step_saw(generation):
     for i, vals in enumerate(values):
         np.testing.assert_array_equal(vals, generation.relevance[i, : prompt + i].numpy())
         assert labels[i] == f"step {i + 1}: {int(generation.target[i])}"
+    # A slice keeps each row's own step number.
+    assert generation[2:].heatmap_rows()[2] == labels[2:]
 
 
 def test_generation_figure_masks_unseen_positions(generation, tmp_path):
