@@ -296,11 +296,7 @@ def _load(spec: ModelSpec, tokenizer: Any) -> tuple[Any, Any]:
 
     if callable(spec):
         loaded = spec()
-    elif isinstance(spec, str) and not os.path.exists(spec) and _zoo_has(spec):
-        from mambalrp.models.zoo import load_model
-
-        loaded = load_model(spec)
-    else:
+    else:  # a zoo name or a checkpoint directory
         from mambalrp.loading import load
 
         loaded = load(str(spec))

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from mambalrp.errors import InputError
+from mambalrp.tokens import token_strings  # re-exported: one implementation for both tokenizer kinds
 
 __all__ = ["TASKS", "decode", "encode", "load", "token_strings"]
 
@@ -140,24 +141,6 @@ def encode(tokenizer: Any, text: str, *, special_tokens: bool = True) -> list[in
     if not ids:
         raise InputError(f"the text {text!r} encodes to no tokens")
     return [int(i) for i in ids]
-
-
-def token_strings(tokenizer: Any, ids) -> list[str]:
-    """Return the token string of each id (as the tokenizer spells it, e.g. ``\u0120the``).
-
-    Args:
-        tokenizer: A ``tokenizers.Tokenizer`` or a ``transformers`` tokenizer.
-        ids: A sequence or 1-D tensor of ids.
-
-    Returns:
-        One string per id (``"<id>"`` for an id the vocabulary lacks).
-    """
-    ids = [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
-    if hasattr(tokenizer, "id_to_token"):
-        out = [tokenizer.id_to_token(i) for i in ids]
-    else:
-        out = tokenizer.convert_ids_to_tokens(ids)
-    return [t if t is not None else f"<{i}>" for t, i in zip(out, ids)]
 
 
 def decode(tokenizer: Any, ids) -> str:

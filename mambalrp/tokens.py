@@ -21,31 +21,33 @@ CONTINUATION_MARKER = "##"  # WordPiece
 _SPECIAL = re.compile(r"^(<\|?[^<>\s]+\|?>|\[[A-Z_]+\])$")  # <s>, </s>, <|endoftext|>, [CLS]
 
 
-def token_strings(tokenizer: Any, ids: Sequence[int]) -> list[str]:
-    """The token string of each id.
+def token_strings(tokenizer: Any, ids: Sequence[int] | Any) -> list[str]:
+    """The token string of each id, as the tokenizer spells it (e.g. ``\u0120the``).
 
     Args:
         tokenizer: A Hugging Face tokenizer (has ``convert_ids_to_tokens``) or a
             ``tokenizers.Tokenizer`` (has ``id_to_token``).
-        ids: Token ids.
+        ids: Token ids (a sequence or a 1-D tensor).
 
     Returns:
-        One string per id (``""`` for an id the tokenizer does not know).
+        One string per id (``"<id>"`` for an id the tokenizer does not know).
 
     Raises:
         InputError: ``tokenizer`` has neither method.
     """
-    ids = [int(i) for i in ids]
+    ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
     convert = getattr(tokenizer, "convert_ids_to_tokens", None)
-    if callable(convert):
-        return [t if isinstance(t, str) else "" for t in convert(ids)]
     lookup = getattr(tokenizer, "id_to_token", None)
-    if callable(lookup):
-        return [t if isinstance(t, str) else "" for t in (lookup(i) for i in ids)]
-    raise InputError(
-        f"tokenizer of type {type(tokenizer).__name__} has neither convert_ids_to_tokens (Hugging Face "
-        "tokenizers) nor id_to_token (tokenizers.Tokenizer)"
-    )
+    if callable(convert):
+        found = list(convert(ids))
+    elif callable(lookup):
+        found = [lookup(i) for i in ids]
+    else:
+        raise InputError(
+            f"tokenizer of type {type(tokenizer).__name__} has neither convert_ids_to_tokens (Hugging Face "
+            "tokenizers) nor id_to_token (tokenizers.Tokenizer)"
+        )
+    return [t if isinstance(t, str) else f"<{i}>" for t, i in zip(found, ids)]
 
 
 def _blank(token: str) -> bool:
