@@ -9,16 +9,74 @@ gradient. The implementations (chunked torch or Triton) are chosen per call by
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
+from torch import Tensor
 
 from mambalrp.functional import dispatch
 from mambalrp.functional.scan_core import acc
 
 ScanImpl = Callable[..., torch.Tensor]
 
+_BATCHABLE: dict[str, ScanImpl] = {}
 
-def scan_lrp_function(op: str, torch_fwd: ScanImpl, torch_bwd: ScanImpl, doc: str) -> type[torch.autograd.Function]:
+
+def batchable_backward(op: str, torch_bwd: ScanImpl, broadcasts: bool) -> ScanImpl:
+    """``torch_bwd`` as an operator that also takes a batch of cotangents under ``torch.func.vmap``.
+
+    The reverse scan is linear in its cotangent ``g``, so ``k`` cotangents of a ``(b, ...)`` scan
+    are one reverse scan of a ``(k * b, ...)`` cotangent against the same coefficients (what
+    :mod:`mambalrp.shared_forward` uses to explain many outputs of one sequence in one backward
+    pass). The returned callable is ``torch_bwd`` registered as the operator
+    ``mambalrp::<op>_lrp_bwd``, whose batching rule does that fold: with ``broadcasts`` (the
+    implementation broadcasts coefficients of batch 1 against a larger ``g``) and coefficients of
+    batch 1, they are passed as they are and read once; else they are repeated ``k`` times.
+
+    Args:
+        op: Name of the scan (``"selective_scan"``, ``"ssd_scan"``).
+        torch_bwd: ``(g, dt, A, B, C, D) -> dx``; ``A`` has no batch dimension, the others have
+            it first.
+        broadcasts: Whether ``torch_bwd`` accepts ``dt``, ``B`` and ``C`` of batch 1 with a ``g`` of
+            larger batch.
+
+    Returns:
+        A callable with ``torch_bwd``'s signature (without further keywords).
+    """
+    if op in _BATCHABLE:
+        return _BATCHABLE[op]
+    name = f"mambalrp::{op}_lrp_bwd"
+
+    @torch.library.custom_op(name, mutates_args=())
+    def reverse(g: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]) -> Tensor:  # noqa: UP045
+        return torch_bwd(g, dt, A, B, C, D)
+
+    @torch.library.register_vmap(name)
+    def reverse_batched(info: Any, in_dims: tuple[Any, ...], g, dt, A, B, C, D) -> tuple[Tensor, int]:
+        if any(dim is not None for dim in in_dims[1:]):  # batched coefficients: one scan per item
+            out = torch.stack([reverse(*_item(i, in_dims, (g, dt, A, B, C, D))) for i in range(info.batch_size)])
+            return out, 0
+        g = g.movedim(in_dims[0], 0)
+        k, b = g.shape[0], g.shape[1]
+        folded = g.reshape(k * b, *g.shape[2:])
+        coefficients = [dt, B, C]
+        if not (broadcasts and b == 1):
+            coefficients = [t.repeat(k, *([1] * (t.dim() - 1))) for t in coefficients]
+        dt_, B_, C_ = coefficients
+        out = reverse(folded, dt_, A, B_, C_, D)
+        return out.reshape(k, b, *out.shape[1:]), 0
+
+    _BATCHABLE[op] = reverse
+    return reverse
+
+
+def _item(i: int, in_dims: tuple[Any, ...], args: tuple[Any, ...]) -> list[Any]:
+    return [a if dim is None or a is None else a.select(dim, i) for a, dim in zip(args, in_dims)]
+
+
+def scan_lrp_function(
+    op: str, torch_fwd: ScanImpl, torch_bwd: ScanImpl, doc: str, broadcasts: bool = False
+) -> type[torch.autograd.Function]:
     """Build the ``torch.autograd.Function`` of a scan rule.
 
     Args:
@@ -26,10 +84,14 @@ def scan_lrp_function(op: str, torch_fwd: ScanImpl, torch_bwd: ScanImpl, doc: st
         torch_fwd: ``(x, dt, A, B, C, D) -> y`` on accumulation-dtype tensors.
         torch_bwd: ``(g, dt, A, B, C, D) -> dx``, the adjoint of ``torch_fwd`` in ``x``.
         doc: Docstring of the class.
+        broadcasts: ``torch_bwd`` broadcasts coefficients of batch 1 against a larger cotangent
+            (see :func:`batchable_backward`; the torch backward then also runs with a batch of
+            cotangents under ``torch.func.vmap`` without repeating the coefficients).
 
     Returns:
         A Function whose ``apply(x, dt, A, B, C, D)`` returns ``y`` in the accumulation dtype.
     """
+    torch_bwd = batchable_backward(op, torch_bwd, broadcasts)
 
     def implementations(x: torch.Tensor) -> tuple[ScanImpl, ScanImpl, bool]:
         if dispatch.resolve(x, op) == "triton":

@@ -107,29 +107,46 @@ def selective_scan_fwd_torch(
     return y
 
 
+def _contract_state(s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``sum_n s[..., n] * v[..., n]``: ``s`` ``(L, b, d, n)`` contiguous, ``v`` ``(L, b or 1, n)``.
+
+    One matrix product per step (or per step and batch item) over all channels, about twice as
+    fast as ``matmul`` with a ``(n, 1)`` right side, which runs ``L * b`` matrix-vector products.
+    """
+    L, b, d, n = s.shape
+    if v.shape[1] == 1:
+        return torch.bmm(s.reshape(L, b * d, n), v.reshape(L, n, 1)).view(L, b, d)
+    return torch.bmm(s.reshape(L * b, d, n), v.reshape(L * b, n, 1)).view(L, b, d)
+
+
 def selective_scan_lrp_bwd_torch(g, dt, A, B, C, D, chunk: int | None = None) -> torch.Tensor:
-    """Reverse scan of the SSM rule; float32 inputs. Returns ``dx`` (b, d, T)."""
+    """Reverse scan of the SSM rule; float32 inputs. Returns ``dx`` (b, d, T).
+
+    ``dt``, ``B`` and ``C`` of batch 1 broadcast against a ``g`` of larger batch (a batch of
+    cotangents of one sequence, :func:`mambalrp.functional.scan_fn.batchable_backward`): the decays
+    are then computed once for all of them.
+    """
     b, d, T = g.shape
     n = A.shape[1]
     chunk = min(T, chunk or chunk_length(b, d, n))
     g, dt, B, C = _stored_time_major(g, dt, B, C)
-    dx = _time_major_empty(g, d)
-    abar_buf, s_buf = g.new_empty(chunk, b, d, n), g.new_empty(chunk, b, d, n)
+    abar_buf = dt.new_empty(chunk, dt.shape[0], d, n)
+    pieces: list[torch.Tensor] = []
     carry = None  # Abar_{t1} * s_{t1}: what the chunk after this one sends back
     for t0 in reversed(range(0, T, chunk)):
         t1 = min(T, t0 + chunk)
         dtc = _time_major(dt, t0, t1)
         abar = _decays(dtc, A, abar_buf[: t1 - t0])
-        s = s_buf[: t1 - t0]
-        torch.mul(_time_major(g, t0, t1).unsqueeze(-1), _time_major(C, t0, t1).unsqueeze(2), out=s)
+        s = _time_major(g, t0, t1).unsqueeze(-1) * _time_major(C, t0, t1).unsqueeze(2)
         # s_t = Abar_{t+1} * s_{t+1} + C_t * g_t, walking backwards through the chunk.
         last = t1 - t0 - 1
         if carry is not None:
             s[last] += carry
         for i in range(last - 1, -1, -1):
             s[i].addcmul_(abar[i + 1], s[i + 1])
-        dx[:, :, t0:t1] = (dtc * torch.matmul(s, _time_major(B, t0, t1).unsqueeze(-1)).squeeze(-1)).permute(1, 2, 0)
+        pieces.append(dtc * _contract_state(s, _time_major(B, t0, t1)))
         carry = abar[0] * s[0]
+    dx = torch.cat(pieces[::-1]).permute(1, 2, 0)  # (T, b, d) stored time-major, seen as (b, d, T)
     if D is not None:
         dx = torch.addcmul(dx, D[:, None], g)
     return dx
@@ -140,6 +157,7 @@ SelectiveScanLRPFn = scan_lrp_function(
     selective_scan_fwd_torch,
     selective_scan_lrp_bwd_torch,
     "Forward: the selective scan. Backward: the SSM rule (``dx`` only, by a reverse scan).",
+    broadcasts=True,
 )
 
 
