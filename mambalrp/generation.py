@@ -6,10 +6,15 @@ position ``prompt_len - 1 + i`` of ONE sequence, prompt followed by the continua
 forcing). Its relevance is the gradient-form relevance of that logit at the embedding, exactly
 what :func:`mambalrp.explain` computes for a ``position`` and a ``target``.
 
-Several steps share one backward pass: the sequence is replicated ``k`` times along the batch
-and replica ``j`` explains step ``a + j`` (``explain`` takes one position and one target per row),
-cut after the last position its chunk needs. ``k`` is ``steps_per_backward``; memory is that of
-one explanation of ``k`` sequences, so it stays bounded however many tokens are explained.
+Several steps share one backward pass. On the CPU, ``k`` steps (``steps_per_backward``) are
+explained by ONE forward pass of the sequence cut after the last position they need and ONE
+backward pass carrying their ``k`` cotangents at once (:mod:`mambalrp.shared_forward`): the
+rules' backward is linear in its cotangent, so this is exact. Where the backward cannot take a
+batch of cotangents (on a GPU, where the Triton kernels take one at a time, or under rules whose
+backward cannot batch, such as ``"gradient"``), the sequence is replicated ``k`` times along the
+batch instead and replica ``j`` explains step ``a + j`` (``explain`` takes one position and one
+target per row). Either way memory is at most that of one explanation of ``k`` sequences, so it
+stays bounded however many tokens are explained.
 
 Generation itself runs on the unpatched model under ``torch.no_grad()``: through the model's own
 ``generate`` and its recurrent cache for Hugging Face models (each token is still chosen here,
@@ -31,6 +36,7 @@ from mambalrp.explanation import Explanation
 from mambalrp.inputs import _index, call_model, check_ids, check_mask, check_model, input_embedding, output_tensor
 from mambalrp.progress import progress_bar
 from mambalrp.rules import RuleSet, get_rules
+from mambalrp.shared_forward import BatchedBackwardError, explain_outputs, supports_batched_backward
 from mambalrp.state import exclusive, frozen
 from mambalrp.tokens import token_strings
 
@@ -43,9 +49,12 @@ TOKENS_PER_BACKWARD = 2048
 def default_steps_per_backward(sequence_length: int) -> int:
     """Steps explained by one backward pass when ``steps_per_backward`` is not given.
 
-    ``min(16, 2048 // sequence_length)``, at least 1: one backward then holds at most 2,048
-    replicated tokens (16 copies of a 128-token sequence), so its memory is that of one
-    ``explain`` of about 2,048 tokens, and of ``explain`` on the sequence itself beyond that.
+    ``min(16, 2048 // sequence_length)``, at least 1: one backward pass then carries at most 2,048
+    tokens' worth of cotangents (16 of a 128-token sequence), so its memory is at most that of one
+    ``explain`` of about 2,048 tokens, and of ``explain`` on the sequence itself beyond that. On
+    the CPU 16 steps per pass were fastest for the zoo's language model (8 to 32 measured): more
+    steps per pass mean fewer forward passes but more positions each cotangent walks through
+    without needing them.
     """
     return max(1, min(MAX_STEPS_PER_BACKWARD, TOKENS_PER_BACKWARD // max(1, sequence_length)))
 
@@ -73,8 +82,8 @@ def explain_generation(
     Row ``i`` of the result explains generated token ``i``: the relevance of the prompt and of
     the tokens generated before it for the logit of that token (or, with ``contrast``, for the
     difference of its logit and an alternative's). It equals ``explain(model, sequence[:, :P + i],
-    target=token_i)`` for each step (``P`` the prompt length), computed with one forward and one
-    backward pass per ``steps_per_backward`` steps instead of one per step.
+    target=token_i)`` for each step (``P`` the prompt length), computed with one backward pass
+    per ``steps_per_backward`` steps instead of one forward and one backward pass per step.
 
     The model is left exactly as it was, as with :func:`mambalrp.explain` (each backward pass
     goes through ``explain``, with its checks, verification and restoration).
@@ -100,10 +109,10 @@ def explain_generation(
             on the result (:attr:`Explanation.tokens`).
         attention_mask: ``(T,)`` or ``(1, T)`` 0/1 padding mask of the prompt (generated tokens
             are never padding).
-        steps_per_backward: Steps explained by one backward pass (``k`` copies of the sequence in
-            one batch). Default :func:`default_steps_per_backward`: at most 16, and at most 2,048
-            replicated tokens. Larger is faster for small models, costs ``k`` times the memory of
-            one explanation.
+        steps_per_backward: Steps explained by one backward pass (``k`` cotangents of one forward
+            pass, or ``k`` copies of the sequence in one batch; see the module docstring). Default
+            :func:`default_steps_per_backward`: at most 16, and at most 2,048 tokens' worth of
+            cotangents. Costs up to ``k`` times the memory of one explanation.
         progress: Show progress bars (generation, explanation); ``None``: when standard error is a
             terminal and ``MAMBALRP_PROGRESS`` is not ``0`` (see :mod:`mambalrp.progress`).
         verify: Verify the model under the rules first (default, cached); ``False`` skips it.
@@ -113,7 +122,9 @@ def explain_generation(
         ``(N, P + N)`` (entries at positions step ``i`` cannot see, ``>= P + i``, are exactly 0),
         ``logit`` the explained values, ``target`` and ``generated_ids`` the continuation,
         ``position`` ``P - 1 + i``, ``input_ids`` ``(1, P + N)`` prompt then continuation,
-        ``step_scores`` (probability of each token, entropy of each step's distribution).
+        ``step_scores`` (probability of each token, entropy of each step's distribution: from the
+        logits the tokens were generated from, or for a given continuation from the explained
+        forward passes, which verification checks equal the model's).
 
     Raises:
         InputError: Invalid prompt, mask, continuation, contrast or option; a model without a
@@ -168,7 +179,7 @@ def explain_generation(
                 "seed": int(seed) if do_sample else None,
             }
         else:
-            step_logits = _teacher_forced_logits(model, prompt, mask, new)
+            step_logits = None  # from the explained forward passes below, else one forward more
             meta = {"mode": "teacher-forced", "temperature": None, "top_k": None, "seed": None}
         sequence = torch.cat([prompt, new[None].to(prompt.device)], dim=1)
         full_mask = None if mask is None else torch.cat([mask, torch.ones((1, n), dtype=mask.dtype, device=mask.device)], 1)
@@ -177,6 +188,8 @@ def explain_generation(
         relevance = torch.zeros((n, p + n), dtype=torch.float32)
         scores = torch.zeros(n, dtype=torch.float32)
         verified = bool(verify)
+        shared = supports_batched_backward(sequence)
+        forward_logits: list[torch.Tensor] = []
         with progress_bar(total=n, desc="explaining", unit="token", progress=progress) as bar:
             for a in range(0, n, k):
                 b = min(n, a + k)
@@ -186,19 +199,36 @@ def explain_generation(
                 target: Any = targets
                 if alternatives is not None:
                     target = _difference(targets, alternatives[a:b].to(sequence.device))
-                exp = explain(
-                    model,
-                    sequence[:, :length].expand(rows, length),
-                    target,
-                    position=torch.arange(p - 1 + a, p - 1 + b, device=sequence.device),
-                    attention_mask=None if full_mask is None else full_mask[:, :length].expand(rows, length),
-                    rules=rule_set,
-                    verify=verify,
-                )
-                relevance[a:b, :length] = exp.relevance.detach().float().cpu()
-                scores[a:b] = exp.logit.detach().float().cpu()
-                verified = verified and exp.verified
+                positions = torch.arange(p - 1 + a, p - 1 + b, device=sequence.device)
+                window = None if full_mask is None else full_mask[:, :length]
+                if shared:
+                    try:
+                        rel, logit, _, outputs = explain_outputs(
+                            model, sequence[:, :length], positions, target,
+                            attention_mask=window, rules=rule_set, verify=verify,
+                        )  # fmt: skip
+                        forward_logits.append(outputs.float().cpu())
+                    except BatchedBackwardError:
+                        shared = False  # this model's backward takes one cotangent: copies from here on
+                if not shared:
+                    exp = explain(
+                        model,
+                        sequence[:, :length].expand(rows, length),
+                        target,
+                        position=positions,
+                        attention_mask=None if window is None else window.expand(rows, length),
+                        rules=rule_set,
+                        verify=verify,
+                    )
+                    rel, logit = exp.relevance, exp.logit
+                relevance[a:b, :length] = rel.detach().float().cpu()
+                scores[a:b] = logit.detach().float().cpu()
                 bar.update(rows)
+        if step_logits is None:
+            if shared:  # every group went through explain_outputs: its forward gave the logits
+                step_logits = torch.cat(forward_logits)
+            else:
+                step_logits = _teacher_forced_logits(model, prompt, mask, new)
     # Positions a step cannot see hold exactly zero (causality gives zeros; this makes it exact).
     steps = torch.arange(n)[:, None]
     relevance[torch.arange(p + n)[None, :] >= p + steps] = 0.0

@@ -307,7 +307,9 @@ def capture_embedding(embedding: nn.Module) -> Iterator[list[torch.Tensor]]:
 
 
 @contextlib.contextmanager
-def gather_head_input(model: nn.Module, positions: torch.Tensor | None, length: int) -> Iterator[list[bool]]:
+def gather_head_input(
+    model: nn.Module, positions: torch.Tensor | None, length: int, one_row: bool = False
+) -> Iterator[list[torch.Tensor]]:
     """Feed the model's output head only each row's explained position.
 
     A causal LM computes its head (``(d_model, vocab)``) at every kept position; when rows
@@ -315,16 +317,18 @@ def gather_head_input(model: nn.Module, positions: torch.Tensor | None, length: 
     rows`` head outputs and their gradients for ``rows`` needed ones. Inside the block a forward
     pre-hook on ``get_output_embeddings()`` (an ``nn.Linear``) selects, from a ``(batch, kept,
     d_model)`` input, each row's position, so the head runs on ``(batch, 1, d_model)``. The hook is
-    removed on exit. The yielded list holds ``True`` once the head ran on the selected rows
-    (the output's sequence dimension is then 1 and index 0 is each row's position); anything
+    removed on exit. The yielded list holds the head's input once the head ran on the selected
+    rows (the output's sequence dimension is then 1 and index 0 is each row's position); anything
     else (another input shape, no such head) is left untouched.
 
     Args:
         model: The model.
         positions: ``(batch,)`` explained positions, or ``None`` (nothing is done).
         length: Sequence length of the input ids.
+        one_row: The input is one row and ``positions`` are ``k`` positions of it: the head then
+            runs on ``(1, k, d_model)``, its output's index ``i`` being ``positions[i]``.
     """
-    done: list[bool] = []
+    done: list[torch.Tensor] = []
     getter = getattr(model, "get_output_embeddings", None)
     head = None
     if positions is not None and callable(getter):
@@ -339,14 +343,15 @@ def gather_head_input(model: nn.Module, positions: torch.Tensor | None, length: 
             return None
         hidden = args[0]
         batch, kept = hidden.shape[0], hidden.shape[1]
-        if batch != positions.shape[0] or not 0 < kept <= length:
+        if batch != (1 if one_row else positions.shape[0]) or not 0 < kept <= length:
             return None
         index = (positions - (length - kept)).to(hidden.device)
         if bool(((index < 0) | (index >= kept)).any()):
             return None
-        done.append(True)
         rows = torch.arange(batch, device=hidden.device)
-        return (hidden[rows, index][:, None], *args[1:])
+        selected = hidden[:, index] if one_row else hidden[rows, index][:, None]
+        done.append(selected)
+        return (selected, *args[1:])
 
     handle = head.register_forward_pre_hook(hook)
     try:
