@@ -101,7 +101,7 @@ def selective_scan_fwd_torch(
             h = hs[-1].clone()
             if starts is not None:
                 starts.append(h)
-        y[:, :, t0:t1] = torch.matmul(hs, _time_major(C, t0, t1).unsqueeze(-1)).squeeze(-1).permute(1, 2, 0)
+        y[:, :, t0:t1] = _contract_state(hs, _time_major(C, t0, t1)).permute(1, 2, 0)
     if D is not None:
         y = torch.addcmul(y, D[:, None], x)
     return y
@@ -110,13 +110,14 @@ def selective_scan_fwd_torch(
 def _contract_state(s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``sum_n s[..., n] * v[..., n]``: ``s`` ``(L, b, d, n)`` contiguous, ``v`` ``(L, b or 1, n)``.
 
-    One matrix product per step (or per step and batch item) over all channels, about twice as
-    fast as ``matmul`` with a ``(n, 1)`` right side, which runs ``L * b`` matrix-vector products.
+    One row-vector times matrix product per step (or per step and batch item) over all channels:
+    about 4x faster on the CPU than ``matmul`` with an ``(n, 1)`` right side, which runs as ``L * b``
+    matrix-vector products.
     """
     L, b, d, n = s.shape
     if v.shape[1] == 1:
-        return torch.bmm(s.reshape(L, b * d, n), v.reshape(L, n, 1)).view(L, b, d)
-    return torch.bmm(s.reshape(L * b, d, n), v.reshape(L * b, n, 1)).view(L, b, d)
+        return torch.bmm(v.reshape(L, 1, n), s.reshape(L, b * d, n).transpose(1, 2)).view(L, b, d)
+    return torch.bmm(v.reshape(L * b, 1, n), s.reshape(L * b, d, n).transpose(1, 2)).view(L, b, d)
 
 
 def selective_scan_lrp_bwd_torch(g, dt, A, B, C, D, chunk: int | None = None) -> torch.Tensor:
