@@ -221,7 +221,7 @@ def selective_scan_grad_bwd_torch(
         for i in range(last - 1, -1, -1):
             s[i].addcmul_(abar[i + 1], s[i + 1])
         carry = abar[0] * s[0]
-        sB = torch.matmul(s, Bc.unsqueeze(-1)).squeeze(-1)  # (L, b, d)
+        sB = _contract_state(s, Bc)  # (L, b, d)
         dx[:, :, t0:t1] = (dtc * sB).permute(1, 2, 0)
         dB[:, :, t0:t1] = torch.matmul((dtc * xc).unsqueeze(2), s).squeeze(2).permute(1, 2, 0)
         # q_t = s_t * Abar_t * h_{t-1}, built in the decay buffer (h_{-1} of the first chunk is 0).
