@@ -131,23 +131,23 @@ def selective_scan_lrp_bwd_torch(g, dt, A, B, C, D, chunk: int | None = None) ->
     n = A.shape[1]
     chunk = min(T, chunk or chunk_length(b, d, n))
     g, dt, B, C = _stored_time_major(g, dt, B, C)
-    abar_buf = dt.new_empty(chunk, dt.shape[0], d, n)
-    pieces: list[torch.Tensor] = []
+    dx = _time_major_empty(g, d)
+    abar_buf, s_buf = dt.new_empty(chunk, dt.shape[0], d, n), g.new_empty(chunk, b, d, n)
     carry = None  # Abar_{t1} * s_{t1}: what the chunk after this one sends back
     for t0 in reversed(range(0, T, chunk)):
         t1 = min(T, t0 + chunk)
         dtc = _time_major(dt, t0, t1)
         abar = _decays(dtc, A, abar_buf[: t1 - t0])
-        s = _time_major(g, t0, t1).unsqueeze(-1) * _time_major(C, t0, t1).unsqueeze(2)
+        s = s_buf[: t1 - t0]
+        torch.mul(_time_major(g, t0, t1).unsqueeze(-1), _time_major(C, t0, t1).unsqueeze(2), out=s)
         # s_t = Abar_{t+1} * s_{t+1} + C_t * g_t, walking backwards through the chunk.
         last = t1 - t0 - 1
         if carry is not None:
             s[last] += carry
         for i in range(last - 1, -1, -1):
             s[i].addcmul_(abar[i + 1], s[i + 1])
-        pieces.append(dtc * _contract_state(s, _time_major(B, t0, t1)))
+        dx[:, :, t0:t1] = (dtc * _contract_state(s, _time_major(B, t0, t1))).permute(1, 2, 0)
         carry = abar[0] * s[0]
-    dx = torch.cat(pieces[::-1]).permute(1, 2, 0)  # (T, b, d) stored time-major, seen as (b, d, T)
     if D is not None:
         dx = torch.addcmul(dx, D[:, None], g)
     return dx
