@@ -261,7 +261,7 @@ def test_ssd_state_passing_closed_form_equals_the_recurrence(chunks, with_state)
     for j in range(chunks):
         entering.append(state)
         state = decay[:, j, :, None, None] * state + local[:, j]
-    got_entering, got_after = ssd._pass_states(local, decay, h)
+    got_entering, got_after = ssd._pass_states(local, decay[..., None, None], h)
     torch.testing.assert_close(got_entering, torch.stack(entering, 1), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got_after, state, rtol=1e-12, atol=1e-12)
 
@@ -270,6 +270,6 @@ def test_ssd_state_passing_closed_form_equals_the_recurrence(chunks, with_state)
     for j in reversed(range(chunks)):
         ends[j] = grad
         grad = decay[:, j, :, None, None] * grad + local[:, j]
-    got_ends, got_in = ssd._pass_gradients(local, decay, h)
+    got_ends, got_in = ssd._pass_gradients(local, decay[..., None, None], h)
     torch.testing.assert_close(got_ends, torch.stack(ends, 1), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got_in, grad, rtol=1e-12, atol=1e-12)
