@@ -211,10 +211,14 @@ def test_ssd_scan_rule_gradcheck():
     assert torch.autograd.gradcheck(lambda x: ops.ssd_scan_lrp(x, dt, A, B, C, D), (x.clone().requires_grad_(),))
 
 
+@pytest.mark.parametrize("factored", [True, False])
 @pytest.mark.parametrize("chunk", [1, 5, 16, 64])
-def test_ssd_scan_chunks(chunk):
+def test_ssd_scan_chunks(chunk, factored, monkeypatch):
+    from mambalrp.functional import ssd
     from mambalrp.functional.ssd import ssd_scan_fwd_torch, ssd_scan_lrp_bwd_torch
 
+    if not factored:
+        monkeypatch.setattr(ssd, "FACTOR_RANGE", -1.0)
     x, dt, A, B, C, D = _ssd_inputs(T=23)
     assert torch.allclose(ssd_scan_fwd_torch(x, dt, A, B, C, D, chunk=chunk), ops.ssd_scan_ref(x, dt, A, B, C, D), atol=1e-12)
     g = torch.randn_like(x)

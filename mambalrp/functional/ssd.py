@@ -25,6 +25,8 @@ from mambalrp.functional import scan_core
 from mambalrp.functional.scan_core import acc
 
 DEFAULT_CHUNK = 32
+# Largest decay of one chunk, -log(exp(la_end)), for which the decays are factored per step.
+FACTOR_RANGE = 40.0
 
 
 def check_shapes(x, dt, A, B, C, D) -> None:
@@ -106,25 +108,51 @@ def _from_groups(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.transpose(2, 3).flatten(3).unflatten(3, (heads, -1))
 
 
-def _block_terms(dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, keep_decay: bool = False):
-    """Per-chunk terms of a block of chunks: ``dt (b, k, L, h)``, ``B, C (b, k, L, g, n)``.
+def _log_decays(dt: torch.Tensor, A: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The cumulative log decay within each chunk, ``la (b, k, h, L)``, of ``dt (b, k, L, h)``."""
+    dtype = torch.promote_types(torch.promote_types(dt.dtype, A.dtype), dtype)
+    return torch.cumsum((dt * A).transpose(2, 3).to(dtype, memory_format=torch.contiguous_format), dim=-1)
 
-    Returns:
-        ``(la, decay, scores)``: the cumulative log decay ``la (b, k, h, L)``, the masked segment
-        decays ``decay[l, s] = exp(la_l - la_s)`` (``s <= l``) and the scores
-        ``(C_l . B_s) * decay``, both ``(b, k, h, L, L)``; ``C . B`` is computed once per group.
-        ``decay`` is ``None`` unless ``keep_decay`` (the scores are then computed in its place).
-    """
-    b, k, L, h = dt.shape
-    groups = B.shape[3]
-    dtype = torch.promote_types(torch.promote_types(dt.dtype, A.dtype), B.dtype)
-    la = torch.cumsum((dt * A).transpose(2, 3).to(dtype, memory_format=torch.contiguous_format), dim=-1)
-    above = torch.ones(L, L, dtype=torch.bool, device=dt.device).triu(1)
-    decay = (la.unsqueeze(-1) - la.unsqueeze(-2)).masked_fill_(above, float("-inf")).exp_()
-    cb = torch.matmul(C.transpose(2, 3), B.permute(0, 1, 3, 4, 2)).unsqueeze(3)  # (b, k, g, 1, L, L)
+
+def _above(L: int, device: torch.device) -> torch.Tensor:
+    """The ``(L, L)`` mask of the pairs ``s > l`` (a step never reads a later one)."""
+    return torch.ones(L, L, dtype=torch.bool, device=device).triu(1)
+
+
+def _scores_cb(B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """``C_l . B_s`` for ``s <= l`` (zero above the diagonal), once per group: ``B, C (b, k, L, g,
+    n)`` -> ``(b, k, g, L, L)``."""
+    cb = torch.matmul(C.transpose(2, 3), B.permute(0, 1, 3, 4, 2))
+    return cb.masked_fill_(_above(cb.shape[-1], cb.device), 0)
+
+
+def _factored(la: torch.Tensor) -> bool:
+    """Whether every chunk's decay ``exp(la_l - la_s)`` may be computed as ``exp(c_l) exp(-c_s)``
+    with ``c = la - la_end / 2``: both factors stay within ``exp(+-FACTOR_RANGE / 2)``, far from
+    overflow and underflow, and the products are as accurate as the exponentials of the
+    differences."""
+    return bool((la[..., -1] >= -FACTOR_RANGE).all())
+
+
+def _factors(la: torch.Tensor):
+    """The factored decays of a block (:func:`_factored`): ``exp(c)`` and ``exp(-c)`` seen as
+    ``(b, k, L, h)``, ``exp(la_end / 2)`` and the decay of each whole chunk ``exp(la_end)``,
+    both ``(b, k, h)``."""
+    half = la[..., -1:] * 0.5
+    c = la - half
+    return c.exp().transpose(2, 3), c.neg_().exp_().transpose(2, 3), half.exp().squeeze(-1), la[..., -1].exp()
+
+
+def _segment_terms(la: torch.Tensor, cb: torch.Tensor, keep_decay: bool = False):
+    """The within-chunk terms in segment form, for any decay: ``decay[l, s] = exp(la_l - la_s)``
+    (``s <= l``, else 0) and the scores ``cb * decay``, both ``(b, k, h, L, L)``. ``decay`` is
+    ``None`` unless ``keep_decay`` (the scores are then computed in its place)."""
+    b, k, h, L = la.shape
+    groups = cb.shape[2]
+    decay = (la.unsqueeze(-1) - la.unsqueeze(-2)).masked_fill_(_above(L, la.device), float("-inf")).exp_()
     grouped = decay.view(b, k, groups, h // groups, L, L)
-    scores = grouped * cb if keep_decay else grouped.mul_(cb)
-    return la, (decay if keep_decay else None), scores.view(b, k, h, L, L)
+    scores = grouped * cb.unsqueeze(3) if keep_decay else grouped.mul_(cb.unsqueeze(3))
+    return (decay if keep_decay else None), scores.view(b, k, h, L, L)
 
 
 def _decays(la: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -184,8 +212,10 @@ def ssd_scan_fwd_torch(x, dt, A, B, C, D, chunk: int = DEFAULT_CHUNK, starts: li
     """Chunked forward without autograd; float32 inputs. Returns ``y`` (b, T, h, p).
 
     Chunks are handled a block at a time: the terms inside every chunk of a block are batched
-    tensor operations (the ``(L, L)`` ones per head, ``B`` and ``C`` once per group), and only the
-    state passed from chunk to chunk is a loop. With ``starts`` (a list), the states entering the
+    tensor operations and only the state passed from chunk to chunk is a loop. Within a chunk,
+    ``C . B`` is computed once per group; where the chunks' decays allow (:func:`_factored`),
+    the decays are factored per step, so the heads of a group share one matrix product, else
+    each head gets its ``(L, L)`` decays. With ``starts`` (a list), the states entering the
     chunks of each block, ``(b, k, g, n, h / g, p)``, are appended to it (what the true
     gradient's backward restarts from)."""
     b, T, h, p = x.shape
@@ -196,18 +226,29 @@ def ssd_scan_fwd_torch(x, dt, A, B, C, D, chunk: int = DEFAULT_CHUNK, starts: li
     for t0 in range(0, T, span):
         t1 = min(T, t0 + span)
         xs, dts, Bs, Cs = (_split(t, t0, t1, chunk) for t in (x, dt, B, C))
-        k = xs.shape[1]
-        la, _, scores = _block_terms(dts, A, Bs, Cs)
-        grow, to_end, decay_end = _decays(la)
-        xd = xs * dts.unsqueeze(-1)
-        intra = torch.matmul(scores, xd.transpose(2, 3)).transpose(2, 3)
-        local = torch.matmul(Bs.permute(0, 1, 3, 4, 2), _by_group(xd.mul_(to_end.unsqueeze(-1)), groups))
-        shape, decay_shape = _state_views(b, k, groups, n, h, p)
-        entering, state = _pass_states(local.view(shape), decay_end.reshape(decay_shape), state)
+        shape, decay_shape = _state_views(b, xs.shape[1], groups, n, h, p)
+        la, cb = _log_decays(dts, A, Bs.dtype), _scores_cb(Bs, Cs)
+        out = _out(y, t0, t1, chunk)
+        if _factored(la):
+            # y_l = exp(c_l) [sum_s cb_ls exp(-c_s) dt_s x_s + exp(la_end / 2) C_l H]
+            up, down, half, decay_end = _factors(la)
+            xg = _by_group(xs * (dts * down).unsqueeze(-1), groups)
+            local = torch.matmul(Bs.permute(0, 1, 3, 4, 2), xg).view(shape).mul_(half.reshape(decay_shape))
+            entering, state = _pass_states(local, decay_end.reshape(decay_shape), state)
+            inner = torch.matmul(cb, xg).add_(torch.matmul(Cs.transpose(2, 3), (entering * half.reshape(decay_shape)).flatten(4)))
+            torch.mul(_from_groups(inner, h), up.unsqueeze(-1), out=out)
+        else:
+            _, scores = _segment_terms(la, cb)
+            grow, to_end, decay_end = _decays(la)
+            xd = xs * dts.unsqueeze(-1)
+            intra = torch.matmul(scores, xd.transpose(2, 3)).transpose(2, 3)
+            local = torch.matmul(Bs.permute(0, 1, 3, 4, 2), _by_group(xd.mul_(to_end.unsqueeze(-1)), groups))
+            entering, state = _pass_states(local.view(shape), decay_end.reshape(decay_shape), state)
+            inter = _from_groups(torch.matmul(Cs.transpose(2, 3), entering.flatten(4)), h)
+            torch.addcmul(intra, inter, grow.unsqueeze(-1), out=out)
         if starts is not None:
             starts.append(entering)
-        inter = _from_groups(torch.matmul(Cs.transpose(2, 3), entering.flatten(4)), h)
-        _store(y, t0, t1, torch.addcmul(intra, inter, grow.unsqueeze(-1), out=_out(y, t0, t1, chunk)))
+        _store(y, t0, t1, out)
     return _add_skip(y, D, x)
 
 
@@ -221,16 +262,26 @@ def ssd_scan_lrp_bwd_torch(g, dt, A, B, C, D, chunk: int = DEFAULT_CHUNK) -> tor
     for t0 in reversed(range(0, T, span)):
         t1 = min(T, t0 + span)
         gs, dts, Bs, Cs = (_split(t, t0, t1, chunk) for t in (g, dt, B, C))
-        k = gs.shape[1]
-        la, _, scores = _block_terms(dts, A, Bs, Cs)
-        grow, to_end, decay_end = _decays(la)
-        dxd = torch.matmul(scores.transpose(-1, -2), gs.transpose(2, 3)).transpose(2, 3).mul_(dts.unsqueeze(-1))
-        local = torch.matmul(Cs.permute(0, 1, 3, 4, 2), _by_group(gs * grow.unsqueeze(-1), groups))
-        shape, decay_shape = _state_views(b, k, groups, n, h, p)
-        ends, gh = _pass_gradients(local.view(shape), decay_end.reshape(decay_shape), gh)
-        inter = _from_groups(torch.matmul(Bs.transpose(2, 3), ends.flatten(4)), h)
-        dxs = torch.addcmul(dxd, inter, (to_end * dts).unsqueeze(-1), out=_out(dx, t0, t1, chunk))
-        _store(dx, t0, t1, dxs)
+        shape, decay_shape = _state_views(b, gs.shape[1], groups, n, h, p)
+        la, cb = _log_decays(dts, A, Bs.dtype), _scores_cb(Bs, Cs)
+        out = _out(dx, t0, t1, chunk)
+        if _factored(la):
+            # dx_s = dt_s exp(-c_s) [sum_l cb_ls exp(c_l) g_l + B_s exp(la_end / 2) G_end]
+            up, down, half, decay_end = _factors(la)
+            gg = _by_group(gs * up.unsqueeze(-1), groups)
+            local = torch.matmul(Cs.permute(0, 1, 3, 4, 2), gg).view(shape).mul_(half.reshape(decay_shape))
+            ends, gh = _pass_gradients(local, decay_end.reshape(decay_shape), gh)
+            inner = torch.matmul(cb.transpose(-1, -2), gg).add_(torch.matmul(Bs.transpose(2, 3), ends.mul_(half.reshape(decay_shape)).flatten(4)))
+            torch.mul(_from_groups(inner, h), (dts * down).unsqueeze(-1), out=out)
+        else:
+            _, scores = _segment_terms(la, cb)
+            grow, to_end, decay_end = _decays(la)
+            dxd = torch.matmul(scores.transpose(-1, -2), gs.transpose(2, 3)).transpose(2, 3).mul_(dts.unsqueeze(-1))
+            local = torch.matmul(Cs.permute(0, 1, 3, 4, 2), _by_group(gs * grow.unsqueeze(-1), groups))
+            ends, gh = _pass_gradients(local.view(shape), decay_end.reshape(decay_shape), gh)
+            inter = _from_groups(torch.matmul(Bs.transpose(2, 3), ends.flatten(4)), h)
+            torch.addcmul(dxd, inter, (to_end * dts).unsqueeze(-1), out=out)
+        _store(dx, t0, t1, out)
     return _add_skip(dx, D, g)
 
 
@@ -271,7 +322,11 @@ def _block_grad(g, x, dt, A, B, C, entering, gh):
     """
     b, k, L, h, p = x.shape
     groups, n = B.shape[3], B.shape[4]
-    la, decay, scores = _block_terms(dt, A, B, C, keep_decay=True)
+    la = _log_decays(dt, A, B.dtype)
+    cb = _scores_cb(B, C)
+    if _factored(la):
+        return _block_grad_factored(g, x, dt, A, B, C, la, cb, entering, gh)
+    decay, scores = _segment_terms(la, cb, keep_decay=True)
     grow, to_end, decay_end = _decays(la)
     Bg, Cg = B.transpose(2, 3), C.transpose(2, 3)  # (b, k, g, L, n)
     xd = x * dt.unsqueeze(-1)
@@ -303,6 +358,40 @@ def _block_grad(g, x, dt, A, B, C, entering, gh):
     ddt = (dxd * x).sum(-1).addcmul_(da.transpose(2, 3), A)
     dA = (da * dtT).sum((0, 1, 3))
     dx = dxd.mul_(dt.unsqueeze(-1))
+    return dx, ddt, dA, dB.transpose(2, 3), dC.transpose(2, 3), g_entering
+
+
+def _block_grad_factored(g, x, dt, A, B, C, la, cb, entering, gh):
+    """:func:`_block_grad` with the decays factored (:func:`_factored`): with ``g' = exp(c) g``,
+    ``x' = exp(-c) dt x`` and the states scaled by ``exp(la_end / 2)``, every within-chunk term is
+    one matrix product per group, and the gradient of the log decays is read off the forward's
+    and the adjoint's outputs (``P``, ``Q``) instead of the ``(L, L)`` decays of each head."""
+    b, k, L, h, p = x.shape
+    groups, n = B.shape[3], B.shape[4]
+    up, down, half, decay_end = _factors(la)
+    shape, decay_shape = _state_views(b, k, groups, n, h, p)
+    half_s = half.reshape(decay_shape)
+    Bg, Cg = B.transpose(2, 3), C.transpose(2, 3)  # (b, k, g, L, n)
+    w = dt * down
+    xg = _by_group(x * w.unsqueeze(-1), groups)  # x' by group: (b, k, g, L, (h / g) * p)
+    gp = g * up.unsqueeze(-1)
+    gg = _by_group(gp, groups)
+    ends, g_entering = _pass_gradients(torch.matmul(Cg.transpose(-1, -2), gg).view(shape).mul_(half_s), decay_end.reshape(decay_shape), gh)
+    ends_s, entering_s = (ends * half_s).flatten(4), (entering * half_s).flatten(4)
+    dcb = torch.matmul(gg, xg.transpose(-1, -2)).masked_fill_(_above(L, x.device), 0)
+    P = _from_groups(torch.matmul(cb, xg).add_(torch.matmul(Cg, entering_s)), h)  # y = exp(c) P
+    Q = _from_groups(torch.matmul(cb.transpose(-1, -2), gg).add_(torch.matmul(Bg, ends_s)), h)  # dx = w Q
+    dC = torch.matmul(dcb, Bg).add_(torch.matmul(gg, entering_s.transpose(-1, -2)))
+    dB = torch.matmul(dcb.transpose(-1, -2), Cg).add_(torch.matmul(xg, ends_s.transpose(-1, -2)))
+    qx = (Q * x).sum(-1)  # (b, k, L, h)
+    dla = ((gp * P).sum(-1) - qx * w).transpose(2, 3).contiguous()
+    # The inputs carried to each chunk's end, and the state entering it, through exp(la_end).
+    carried = (torch.matmul(Bg.transpose(-1, -2), xg) * ends_s).view(shape).sum((3, 5)).view(b, k, h)
+    dla[..., -1] += carried + decay_end * (ends * entering).sum((3, 5)).view(b, k, h)
+    da = dla.flip(-1).cumsum(-1).flip(-1)  # la = cumsum(dt * A) within each chunk
+    ddt = (qx * down).addcmul_(da.transpose(2, 3), A)
+    dA = (da * dt.transpose(2, 3)).sum((0, 1, 3))
+    dx = Q.mul_(w.unsqueeze(-1))
     return dx, ddt, dA, dB.transpose(2, 3), dC.transpose(2, 3), g_entering
 
 
