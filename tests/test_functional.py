@@ -211,10 +211,14 @@ def test_ssd_scan_rule_gradcheck():
     assert torch.autograd.gradcheck(lambda x: ops.ssd_scan_lrp(x, dt, A, B, C, D), (x.clone().requires_grad_(),))
 
 
+@pytest.mark.parametrize("factored", [True, False])
 @pytest.mark.parametrize("chunk", [1, 5, 16, 64])
-def test_ssd_scan_chunks(chunk):
+def test_ssd_scan_chunks(chunk, factored, monkeypatch):
+    from mambalrp.functional import ssd
     from mambalrp.functional.ssd import ssd_scan_fwd_torch, ssd_scan_lrp_bwd_torch
 
+    if not factored:
+        monkeypatch.setattr(ssd, "FACTOR_RANGE", -1.0)
     x, dt, A, B, C, D = _ssd_inputs(T=23)
     assert torch.allclose(ssd_scan_fwd_torch(x, dt, A, B, C, D, chunk=chunk), ops.ssd_scan_ref(x, dt, A, B, C, D), atol=1e-12)
     g = torch.randn_like(x)
@@ -261,7 +265,7 @@ def test_ssd_state_passing_closed_form_equals_the_recurrence(chunks, with_state)
     for j in range(chunks):
         entering.append(state)
         state = decay[:, j, :, None, None] * state + local[:, j]
-    got_entering, got_after = ssd._pass_states(local, decay, h)
+    got_entering, got_after = ssd._pass_states(local, decay[..., None, None], h)
     torch.testing.assert_close(got_entering, torch.stack(entering, 1), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got_after, state, rtol=1e-12, atol=1e-12)
 
@@ -270,6 +274,6 @@ def test_ssd_state_passing_closed_form_equals_the_recurrence(chunks, with_state)
     for j in reversed(range(chunks)):
         ends[j] = grad
         grad = decay[:, j, :, None, None] * grad + local[:, j]
-    got_ends, got_in = ssd._pass_gradients(local, decay, h)
+    got_ends, got_in = ssd._pass_gradients(local, decay[..., None, None], h)
     torch.testing.assert_close(got_ends, torch.stack(ends, 1), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got_in, grad, rtol=1e-12, atol=1e-12)

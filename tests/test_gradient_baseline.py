@@ -8,7 +8,7 @@ from conftest import FAMILIES
 
 import mambalrp
 from mambalrp import functional as ops
-from mambalrp.functional import scan_core
+from mambalrp.functional import scan_core, ssd
 from mambalrp.functional.selective_scan import SelectiveScanGradFn, selective_scan_grad
 from mambalrp.functional.ssd import SSDScanGradFn, ssd_scan_fwd_torch, ssd_scan_grad, ssd_scan_lrp_bwd_torch
 
@@ -111,11 +111,14 @@ def test_grad_fns_keep_input_dtypes():
     assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (x, dt, A, B, C, D))
 
 
+@pytest.mark.parametrize("factor_range", [ssd.FACTOR_RANGE, 7.0, -1.0], ids=["factored", "mixed", "segment"])
 @pytest.mark.parametrize("elements", [1, 40 * 8 * 4])
-def test_ssd_blocks_of_chunks(elements, monkeypatch):
+def test_ssd_blocks_of_chunks(elements, factor_range, monkeypatch):
     # Blocks of one chunk and of several (the last block and the last chunk padded): the same
-    # forward, rule and true gradient as the sequential reference.
+    # forward, rule and true gradient as the sequential reference, with the decays factored per
+    # step, as (L, L) segments, or each where the block's decays allow (7: some blocks each way).
     monkeypatch.setattr(scan_core, "CHUNK_ELEMENTS", elements)
+    monkeypatch.setattr(ssd, "FACTOR_RANGE", factor_range)
     x, dt, A, B, C, D = _ssd_inputs(T=45)
     y = ssd_scan_fwd_torch(x, dt, A, B, C, D, chunk=8)
     assert torch.allclose(y, ops.ssd_scan_ref(x, dt, A, B, C, D), atol=1e-12)

@@ -119,15 +119,23 @@ def scan_lrp_function(
             saved = list(ctx.saved_tensors)
             D = saved.pop() if ctx.has_d else None
             dt, A, B, C = saved
-            _, bwd, _ = implementations(grad_out)
-            dx = bwd(acc(grad_out).contiguous(), dt, A, B, C, D)
+            _, bwd, kernel = implementations(grad_out)
+            # The kernels want a contiguous gradient; the torch paths read any layout (the
+            # chunked ones copy it into their own, once).
+            g = acc(grad_out)
+            dx = bwd(g.contiguous() if kernel else g, dt, A, B, C, D)
             return dx.to(ctx.x_dtype), None, None, None, None, None
 
     ScanLRPFn.__doc__ = doc
     return ScanLRPFn
 
 
-def scan_grad_function(torch_fwd: ScanImpl, torch_grad_bwd: ScanImpl, doc: str) -> type[torch.autograd.Function]:
+def scan_grad_function(
+    torch_fwd: ScanImpl,
+    torch_grad_bwd: ScanImpl,
+    doc: str,
+    stored: Callable[..., list[torch.Tensor | None]] | None = None,
+) -> type[torch.autograd.Function]:
     """Build the ``torch.autograd.Function`` of a scan with its true gradient (Gradient x Input,
     rule ablations).
 
@@ -137,6 +145,8 @@ def scan_grad_function(torch_fwd: ScanImpl, torch_grad_bwd: ScanImpl, doc: str) 
         torch_grad_bwd: ``(g, x, dt, A, B, C, D, starts, chunk, needs) -> (dx, ddt, dA, dB, dC,
             dD)``, each ``None`` where ``needs`` says so.
         doc: Docstring of the class.
+        stored: ``(x, dt, A, B, C, D) -> [x, dt, A, B, C, D]``, the same values in the layout the
+            forward reads and the backward gets saved (``None``: as they come).
 
     Returns:
         A Function whose ``apply(x, dt, A, B, C, D, chunk)`` returns ``y`` in the accumulation
@@ -147,6 +157,8 @@ def scan_grad_function(torch_fwd: ScanImpl, torch_grad_bwd: ScanImpl, doc: str) 
         @staticmethod
         def forward(ctx, x, dt, A, B, C, D, chunk):
             inputs = [acc(t) for t in (x, dt, A, B, C, D)]
+            if stored is not None:
+                inputs = stored(*inputs)
             starts: list[torch.Tensor] = []
             y = torch_fwd(*inputs, chunk=chunk, starts=starts)
             ctx.save_for_backward(*[t for t in inputs if t is not None], *starts)
@@ -160,9 +172,7 @@ def scan_grad_function(torch_fwd: ScanImpl, torch_grad_bwd: ScanImpl, doc: str) 
             starts = saved[len(saved) - ctx.starts :]
             x, dt, A, B, C, *rest = saved[: len(saved) - ctx.starts]
             D = rest[0] if ctx.has_d else None
-            grads = torch_grad_bwd(
-                acc(grad_out).contiguous(), x, dt, A, B, C, D, starts, ctx.chunk, tuple(ctx.needs_input_grad[:6])
-            )
+            grads = torch_grad_bwd(acc(grad_out), x, dt, A, B, C, D, starts, ctx.chunk, tuple(ctx.needs_input_grad[:6]))
             out = [None if gr is None else gr.to(dtype) for gr, dtype in zip(grads, ctx.dtypes)]
             return (*out, None)
 

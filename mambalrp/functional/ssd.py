@@ -25,6 +25,8 @@ from mambalrp.functional import scan_core
 from mambalrp.functional.scan_core import acc
 
 DEFAULT_CHUNK = 32
+# Largest decay of one chunk, -log(exp(la_end)), for which the decays are factored per step.
+FACTOR_RANGE = 40.0
 
 
 def check_shapes(x, dt, A, B, C, D) -> None:
@@ -54,6 +56,13 @@ def _skip(D: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor | None:
     return (D[:, None] if D.dim() == 1 else D) * v
 
 
+def _add_skip(out: torch.Tensor, D: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
+    """``out += D * v`` in place (nothing if ``D`` is ``None``); returns ``out``."""
+    if D is not None:
+        out.addcmul_(D[:, None] if D.dim() == 1 else D, v)
+    return out
+
+
 def _chunks_per_block(b: int, h: int, p: int, n: int, chunk: int) -> int:
     """How many chunks one block handles at once: its largest working tensors (the ``(L, L)``
     decays and the states, per chunk) stay near ``CHUNK_ELEMENTS``."""
@@ -63,54 +72,126 @@ def _chunks_per_block(b: int, h: int, p: int, n: int, chunk: int) -> int:
 
 def _split(t: torch.Tensor, t0: int, t1: int, chunk: int) -> torch.Tensor:
     """Steps ``t0..t1`` of a ``(b, T, ...)`` tensor as ``(b, k, chunk, ...)``, zero-padded to whole
-    chunks (a padded step has ``dt = 0``: no decay and no input, so it changes nothing)."""
+    chunks (a padded step has ``dt = 0``: no decay and no input, so it changes nothing). A view
+    when the steps are whole chunks."""
     part = t[:, t0:t1]
     pad = (-part.shape[1]) % chunk
     if pad:
         part = torch.cat([part, part.new_zeros(part.shape[0], pad, *part.shape[2:])], dim=1)
-    return part.reshape(part.shape[0], -1, chunk, *part.shape[2:])
+    return part.unflatten(1, (-1, chunk))
 
 
-def _unsplit(t: torch.Tensor, length: int) -> torch.Tensor:
-    """``(b, k, L, ...)`` back to the first ``length`` steps of ``(b, k * L, ...)``."""
-    return t.reshape(t.shape[0], -1, *t.shape[3:])[:, :length]
+def _out(dest: torch.Tensor, t0: int, t1: int, chunk: int) -> torch.Tensor:
+    """Where a block's ``(b, k, chunk, ...)`` result for steps ``t0..t1`` of ``dest`` (contiguous,
+    ``(b, T, ...)``) is written: a view of ``dest`` when the steps are whole chunks, else a new
+    padded tensor that :func:`_store` copies back."""
+    if (t1 - t0) % chunk == 0:
+        return dest[:, t0:t1].unflatten(1, (-1, chunk))
+    return dest.new_empty(dest.shape[0], -(-(t1 - t0) // chunk), chunk, *dest.shape[2:])
 
 
-def _block_terms(dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor):
-    """Per-chunk terms of a block of chunks ``(b, k, L, ...)``: the cumulative log decay
-    ``la (b, k, L, h)``, the masked segment decays ``(b, k, l, s, h)`` and the scores
-    ``(C_l . B_s) * decay``."""
-    la = torch.cumsum(dt * A, dim=2)
-    L = dt.shape[2]
-    above = torch.ones(L, L, dtype=torch.bool, device=dt.device).triu(1)[:, :, None]
-    seg = (la[:, :, :, None, :] - la[:, :, None, :, :]).masked_fill_(above, float("-inf"))
-    decay = seg.exp_()
-    scores = torch.einsum("bclhn,bcshn->bclsh", C, B).mul_(decay)
-    return la, decay, scores
+def _store(dest: torch.Tensor, t0: int, t1: int, block: torch.Tensor) -> None:
+    """Copy a block's ``(b, k, L, ...)`` result into steps ``t0..t1`` of ``dest``, unless it was
+    computed there (:func:`_out`)."""
+    if (t1 - t0) % block.shape[2] or block.data_ptr() != dest[:, t0:t1].data_ptr():
+        dest[:, t0:t1] = block.flatten(1, 2)[:, : t1 - t0]
+
+
+def _by_group(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """``(b, k, L, h, p)`` -> ``(b, k, groups, L, (h / groups) * p)``: the heads sharing a group's
+    ``B`` and ``C`` side by side, so one matrix product per group serves them all."""
+    return t.flatten(3).unflatten(3, (groups, -1)).transpose(2, 3)
+
+
+def _from_groups(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of :func:`_by_group`: ``(b, k, g, L, (h / g) * p)`` -> ``(b, k, L, h, p)``."""
+    return t.transpose(2, 3).flatten(3).unflatten(3, (heads, -1))
+
+
+def _log_decays(dt: torch.Tensor, A: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The cumulative log decay within each chunk, ``la (b, k, h, L)``, of ``dt (b, k, L, h)``."""
+    dtype = torch.promote_types(torch.promote_types(dt.dtype, A.dtype), dtype)
+    return torch.cumsum((dt * A).transpose(2, 3).to(dtype, memory_format=torch.contiguous_format), dim=-1)
+
+
+def _above(L: int, device: torch.device) -> torch.Tensor:
+    """The ``(L, L)`` mask of the pairs ``s > l`` (a step never reads a later one)."""
+    return torch.ones(L, L, dtype=torch.bool, device=device).triu(1)
+
+
+def _scores_cb(B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """``C_l . B_s`` for ``s <= l`` (zero above the diagonal), once per group: ``B, C (b, k, L, g,
+    n)`` -> ``(b, k, g, L, L)``."""
+    cb = torch.matmul(C.transpose(2, 3), B.permute(0, 1, 3, 4, 2))
+    return cb.masked_fill_(_above(cb.shape[-1], cb.device), 0)
+
+
+def _factored(la: torch.Tensor) -> bool:
+    """Whether every chunk's decay ``exp(la_l - la_s)`` may be computed as ``exp(c_l) exp(-c_s)``
+    with ``c = la - la_end / 2``: both factors stay within ``exp(+-FACTOR_RANGE / 2)``, far from
+    overflow and underflow, and the products are as accurate as the exponentials of the
+    differences."""
+    return bool((la[..., -1] >= -FACTOR_RANGE).all())
+
+
+def _factors(la: torch.Tensor):
+    """The factored decays of a block (:func:`_factored`): ``exp(c)`` and ``exp(-c)`` seen as
+    ``(b, k, L, h)``, ``exp(la_end / 2)`` and the decay of each whole chunk ``exp(la_end)``,
+    both ``(b, k, h)``."""
+    half = la[..., -1:] * 0.5
+    c = la - half
+    return c.exp().transpose(2, 3), c.neg_().exp_().transpose(2, 3), half.exp().squeeze(-1), la[..., -1].exp()
+
+
+def _segment_terms(la: torch.Tensor, cb: torch.Tensor, keep_decay: bool = False):
+    """The within-chunk terms in segment form, for any decay: ``decay[l, s] = exp(la_l - la_s)``
+    (``s <= l``, else 0) and the scores ``cb * decay``, both ``(b, k, h, L, L)``. ``decay`` is
+    ``None`` unless ``keep_decay`` (the scores are then computed in its place)."""
+    b, k, h, L = la.shape
+    groups = cb.shape[2]
+    decay = (la.unsqueeze(-1) - la.unsqueeze(-2)).masked_fill_(_above(L, la.device), float("-inf")).exp_()
+    grouped = decay.view(b, k, groups, h // groups, L, L)
+    scores = grouped * cb.unsqueeze(3) if keep_decay else grouped.mul_(cb.unsqueeze(3))
+    return (decay if keep_decay else None), scores.view(b, k, h, L, L)
+
+
+def _decays(la: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From ``la (b, k, h, L)``: ``exp(la)`` and the decay from each step to its chunk's end
+    ``exp(la_end - la)``, both seen as ``(b, k, L, h)``, and the decay of each whole chunk
+    ``(b, k, h)``."""
+    grow = la.exp()
+    to_end = torch.exp(la[..., -1:] - la)
+    return grow.transpose(2, 3), to_end.transpose(2, 3), grow[..., -1]
 
 
 def _pass_states(local: torch.Tensor, decay_end: torch.Tensor, h: torch.Tensor | None):
     """States entering each chunk of a block: ``H_0 = h`` (zero if ``None``),
-    ``H_{j+1} = decay_end_j H_j + local_j``. Returns ``(entering (b, k, h, p, n), H_k)``."""
+    ``H_{j+1} = decay_end_j H_j + local_j``; ``local (b, k, ...)``, ``decay_end (b, k, ...)``
+    broadcasting against one chunk's state. Returns ``(entering (b, k, ...), H_k)``."""
     entering = torch.empty_like(local)
-    h = torch.zeros_like(local[:, 0]) if h is None else h
-    for j in range(local.shape[1]):
-        entering[:, j] = h
-        h = torch.addcmul(local[:, j], decay_end[:, j, :, None, None], h)
-    return entering, h
+    if h is None:
+        entering[:, 0].zero_()
+    else:
+        entering[:, 0].copy_(h)
+    for j in range(local.shape[1] - 1):
+        torch.addcmul(local[:, j], decay_end[:, j], entering[:, j], out=entering[:, j + 1])
+    return entering, torch.addcmul(local[:, -1], decay_end[:, -1], entering[:, -1])
 
 
 def _pass_gradients(local: torch.Tensor, decay_end: torch.Tensor, g: torch.Tensor | None):
     """The adjoint of :func:`_pass_states`: ``g`` is the gradient of the state after the block
     (zero if ``None``), ``local`` the gradient each chunk's outputs send to the state entering
-    it. Returns ``(ends (b, k, h, p, n), entering)``: the gradient of the state at the end of
-    each chunk, and that of the state entering the block."""
+    it. Returns ``(ends (b, k, ...), entering)``: the gradient of the state at the end of each
+    chunk, and that of the state entering the block."""
     ends = torch.empty_like(local)
-    g = torch.zeros_like(local[:, 0]) if g is None else g
-    for j in reversed(range(local.shape[1])):
-        ends[:, j] = g
-        g = torch.addcmul(local[:, j], decay_end[:, j, :, None, None], g)
-    return ends, g
+    last = local.shape[1] - 1
+    if g is None:
+        ends[:, last].zero_()
+    else:
+        ends[:, last].copy_(g)
+    for j in range(last, 0, -1):
+        torch.addcmul(local[:, j], decay_end[:, j], ends[:, j], out=ends[:, j - 1])
+    return ends, torch.addcmul(local[:, 0], decay_end[:, 0], ends[:, 0])
 
 
 def _layout(x: torch.Tensor, B: torch.Tensor, chunk: int) -> tuple[int, int]:
@@ -120,54 +201,88 @@ def _layout(x: torch.Tensor, B: torch.Tensor, chunk: int) -> tuple[int, int]:
     return chunk, chunk * _chunks_per_block(b, h, p, B.shape[-1], chunk)
 
 
+def _state_views(b: int, k: int, groups: int, n: int, h: int, p: int):
+    """Shapes of the states passed between chunks: ``(b, k, g, n, h / g, p)`` (a group's heads
+    side by side, so that ``B`` and ``C`` multiply them once per group) and of the per-head
+    chunk decays broadcast against them."""
+    return (b, k, groups, n, h // groups, p), (b, k, groups, 1, h // groups, 1)
+
+
 def ssd_scan_fwd_torch(x, dt, A, B, C, D, chunk: int = DEFAULT_CHUNK, starts: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Chunked forward without autograd; float32 inputs. Returns ``y`` (b, T, h, p).
 
     Chunks are handled a block at a time: the terms inside every chunk of a block are batched
-    tensor operations, and only the ``(b, h, p, n)`` state passed from chunk to chunk is a loop.
-    With ``starts`` (a list), the states entering the chunks of each block, ``(b, k, h, p, n)``,
-    are appended to it (what the true gradient's backward restarts from)."""
-    T, heads = x.shape[1], x.shape[2]
-    B, C = _heads(B, heads), _heads(C, heads)
+    tensor operations and only the state passed from chunk to chunk is a loop. Within a chunk,
+    ``C . B`` is computed once per group; where the chunks' decays allow (:func:`_factored`),
+    the decays are factored per step, so the heads of a group share one matrix product, else
+    each head gets its ``(L, L)`` decays. With ``starts`` (a list), the states entering the
+    chunks of each block, ``(b, k, g, n, h / g, p)``, are appended to it (what the true
+    gradient's backward restarts from)."""
+    b, T, h, p = x.shape
+    groups, n = B.shape[2], B.shape[3]
     chunk, span = _layout(x, B, chunk)
-    y = torch.empty_like(x)
-    h = None
+    y = x.new_empty(b, T, h, p)
+    state = None
     for t0 in range(0, T, span):
         t1 = min(T, t0 + span)
         xs, dts, Bs, Cs = (_split(t, t0, t1, chunk) for t in (x, dt, B, C))
-        la, _, scores = _block_terms(dts, A, Bs, Cs)
-        xd = xs * dts.unsqueeze(-1)
-        out = torch.einsum("bclsh,bcshp->bclhp", scores, xd)
-        to_end = torch.exp(la[:, :, -1:] - la).unsqueeze(-1)
-        local = torch.einsum("bclhn,bclhp->bchpn", Bs * to_end, xd)
-        entering, h = _pass_states(local, torch.exp(la[:, :, -1]), h)
+        shape, decay_shape = _state_views(b, xs.shape[1], groups, n, h, p)
+        la, cb = _log_decays(dts, A, Bs.dtype), _scores_cb(Bs, Cs)
+        out = _out(y, t0, t1, chunk)
+        if _factored(la):
+            # y_l = exp(c_l) [sum_s cb_ls exp(-c_s) dt_s x_s + exp(la_end / 2) C_l H]
+            up, down, half, decay_end = _factors(la)
+            xg = _by_group(xs * (dts * down).unsqueeze(-1), groups)
+            local = torch.matmul(Bs.permute(0, 1, 3, 4, 2), xg).view(shape).mul_(half.reshape(decay_shape))
+            entering, state = _pass_states(local, decay_end.reshape(decay_shape), state)
+            inner = torch.matmul(cb, xg).add_(torch.matmul(Cs.transpose(2, 3), (entering * half.reshape(decay_shape)).flatten(4)))
+            torch.mul(_from_groups(inner, h), up.unsqueeze(-1), out=out)
+        else:
+            _, scores = _segment_terms(la, cb)
+            grow, to_end, decay_end = _decays(la)
+            xd = xs * dts.unsqueeze(-1)
+            intra = torch.matmul(scores, xd.transpose(2, 3)).transpose(2, 3)
+            local = torch.matmul(Bs.permute(0, 1, 3, 4, 2), _by_group(xd.mul_(to_end.unsqueeze(-1)), groups))
+            entering, state = _pass_states(local.view(shape), decay_end.reshape(decay_shape), state)
+            inter = _from_groups(torch.matmul(Cs.transpose(2, 3), entering.flatten(4)), h)
+            torch.addcmul(intra, inter, grow.unsqueeze(-1), out=out)
         if starts is not None:
             starts.append(entering)
-        out += torch.einsum("bclhn,bchpn->bclhp", Cs, entering) * torch.exp(la).unsqueeze(-1)
-        y[:, t0:t1] = _unsplit(out, t1 - t0)
-    skip = _skip(D, x)
-    return y if skip is None else y + skip
+        _store(y, t0, t1, out)
+    return _add_skip(y, D, x)
 
 
 def ssd_scan_lrp_bwd_torch(g, dt, A, B, C, D, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     """Adjoint scan of the SSM rule; float32 inputs. Returns ``dx`` (b, T, h, p)."""
-    T, heads = g.shape[1], g.shape[2]
-    B, C = _heads(B, heads), _heads(C, heads)
+    b, T, h, p = g.shape
+    groups, n = B.shape[2], B.shape[3]
     chunk, span = _layout(g, B, chunk)
-    dx = torch.empty_like(g)
+    dx = g.new_empty(b, T, h, p)
     gh = None  # gradient of the state after the current block, from later blocks
     for t0 in reversed(range(0, T, span)):
         t1 = min(T, t0 + span)
         gs, dts, Bs, Cs = (_split(t, t0, t1, chunk) for t in (g, dt, B, C))
-        la, _, scores = _block_terms(dts, A, Bs, Cs)
-        dxd = torch.einsum("bclsh,bclhp->bcshp", scores, gs)
-        local = torch.einsum("bclhn,bclhp->bchpn", Cs * torch.exp(la).unsqueeze(-1), gs)
-        ends, gh = _pass_gradients(local, torch.exp(la[:, :, -1]), gh)
-        to_end = torch.exp(la[:, :, -1:] - la).unsqueeze(-1)
-        dxd += torch.einsum("bcshn,bchpn->bcshp", Bs * to_end, ends)
-        dx[:, t0:t1] = _unsplit(dxd * dts.unsqueeze(-1), t1 - t0)
-    skip = _skip(D, g)
-    return dx if skip is None else dx + skip
+        shape, decay_shape = _state_views(b, gs.shape[1], groups, n, h, p)
+        la, cb = _log_decays(dts, A, Bs.dtype), _scores_cb(Bs, Cs)
+        out = _out(dx, t0, t1, chunk)
+        if _factored(la):
+            # dx_s = dt_s exp(-c_s) [sum_l cb_ls exp(c_l) g_l + B_s exp(la_end / 2) G_end]
+            up, down, half, decay_end = _factors(la)
+            gg = _by_group(gs * up.unsqueeze(-1), groups)
+            local = torch.matmul(Cs.permute(0, 1, 3, 4, 2), gg).view(shape).mul_(half.reshape(decay_shape))
+            ends, gh = _pass_gradients(local, decay_end.reshape(decay_shape), gh)
+            inner = torch.matmul(cb.transpose(-1, -2), gg).add_(torch.matmul(Bs.transpose(2, 3), ends.mul_(half.reshape(decay_shape)).flatten(4)))
+            torch.mul(_from_groups(inner, h), (dts * down).unsqueeze(-1), out=out)
+        else:
+            _, scores = _segment_terms(la, cb)
+            grow, to_end, decay_end = _decays(la)
+            dxd = torch.matmul(scores.transpose(-1, -2), gs.transpose(2, 3)).transpose(2, 3).mul_(dts.unsqueeze(-1))
+            local = torch.matmul(Cs.permute(0, 1, 3, 4, 2), _by_group(gs * grow.unsqueeze(-1), groups))
+            ends, gh = _pass_gradients(local.view(shape), decay_end.reshape(decay_shape), gh)
+            inter = _from_groups(torch.matmul(Bs.transpose(2, 3), ends.flatten(4)), h)
+            torch.addcmul(dxd, inter, (to_end * dts).unsqueeze(-1), out=out)
+        _store(dx, t0, t1, out)
+    return _add_skip(dx, D, g)
 
 
 SSDScanLRPFn = scan_lrp_function(
@@ -197,47 +312,87 @@ def ssd_scan_lrp(x, dt, A, B, C, D=None) -> torch.Tensor:
 
 
 def _block_grad(g, x, dt, A, B, C, entering, gh):
-    """Gradients of one block of chunks ``(b, k, L, ...)`` (B, C per head), from the states
-    entering its chunks and the gradient ``gh`` of the state after it (``None``: zero).
+    """Gradients of one block of chunks (``g, x (b, k, L, h, p)``, ``dt (b, k, L, h)``,
+    ``B, C (b, k, L, g, n)``), from the states entering its chunks (as :func:`ssd_scan_fwd_torch`
+    saves them) and the gradient ``gh`` of the state after it (``None``: zero).
 
     Returns:
-        ``(dx, ddt, dA, dB, dC, g_entering)``, the last the gradient of the state entering the
-        block.
+        ``(dx, ddt, dA, dB, dC, g_entering)`` in the block's layout, the last the gradient of the
+        state entering the block.
     """
-    la, decay, scores = _block_terms(dt, A, B, C)
+    b, k, L, h, p = x.shape
+    groups, n = B.shape[3], B.shape[4]
+    la = _log_decays(dt, A, B.dtype)
+    cb = _scores_cb(B, C)
+    if _factored(la):
+        return _block_grad_factored(g, x, dt, A, B, C, la, cb, entering, gh)
+    decay, scores = _segment_terms(la, cb, keep_decay=True)
+    grow, to_end, decay_end = _decays(la)
+    Bg, Cg = B.transpose(2, 3), C.transpose(2, 3)  # (b, k, g, L, n)
     xd = x * dt.unsqueeze(-1)
-    grown = g * torch.exp(la).unsqueeze(-1)
-    decay_end = torch.exp(la[:, :, -1])
-    ends, g_entering = _pass_gradients(torch.einsum("bclhp,bclhn->bchpn", grown, C), decay_end, gh)
-    dxd = torch.einsum("bclsh,bclhp->bcshp", scores, g)
-    dscores = torch.einsum("bclhp,bcshp->bclsh", g, xd)
+    grown = _by_group(g * grow.unsqueeze(-1), groups)  # (b, k, g, L, (h / g) * p)
+    shape, decay_shape = _state_views(b, k, groups, n, h, p)
+    ends, g_entering = _pass_gradients(torch.matmul(Cg.transpose(-1, -2), grown).view(shape), decay_end.reshape(decay_shape), gh)
+    ends_m, entering_m = ends.flatten(4), entering.flatten(4)  # (b, k, g, n, (h / g) * p)
+    gT, xdT = g.transpose(2, 3), xd.transpose(2, 3)  # (b, k, h, L, p)
+    dxd = torch.matmul(scores.transpose(-1, -2), gT).transpose(2, 3)
+    dscores = torch.matmul(gT, xdT.transpose(-1, -2))  # g_l . xd_s per head
     dseg = dscores * scores  # gradient of the log segment decays (zero above the diagonal)
-    dscores.mul_(decay)  # now the gradient of C_l . B_s
-    dC = torch.einsum("bclsh,bcshn->bclhn", dscores, B)
-    dB = torch.einsum("bclsh,bclhn->bcshn", dscores, C)
-    dla = dseg.sum(3) - dseg.sum(2)  # la_l enters as +la_l in row l and as -la_s in column s
+    dcb = dscores.mul_(decay).view(b, k, groups, h // groups, L, L).sum(3)  # gradient of C_l . B_s
+    dC = torch.matmul(dcb, Bg)
+    dB = torch.matmul(dcb.transpose(-1, -2), Cg)
+    dla = dseg.sum(-1) - dseg.sum(-2)  # la_l enters as +la_l in row l and as -la_s in column s
     # The state entering each chunk, read by its outputs: y_l += exp(la_l) C_l H.
-    dC += torch.einsum("bclhp,bchpn->bclhn", grown, entering)
-    dla += (grown * torch.einsum("bclhn,bchpn->bclhp", C, entering)).sum(-1)
+    dC += torch.matmul(grown, entering_m.transpose(-1, -2))
+    dla += (grown * torch.matmul(Cg, entering_m)).unflatten(-1, (h // groups, p)).sum(-1).transpose(-1, -2).reshape(b, k, h, L)
     # Each step's input carried to the chunk's end: H_end += exp(la_end - la_s) B_s xd_s.
-    to_end = torch.exp(la[:, :, -1:] - la)
-    ghB = torch.einsum("bcshn,bchpn->bcshp", B, ends)
-    dxd += ghB * to_end.unsqueeze(-1)
-    dB += torch.einsum("bcshp,bchpn->bcshn", xd * to_end.unsqueeze(-1), ends)
-    dw = (xd * ghB).sum(-1) * to_end
+    ghB = _from_groups(torch.matmul(Bg, ends_m), h)  # (b, k, L, h, p)
+    dxd.addcmul_(ghB, to_end.unsqueeze(-1))
+    dw = (xd * ghB).sum(-1).mul_(to_end)  # (b, k, L, h)
+    dB += torch.matmul(_by_group(xd.mul_(to_end.unsqueeze(-1)), groups), ends_m.transpose(-1, -2))
+    dw = dw.transpose(2, 3)
     dla -= dw
-    dla[:, :, -1] += dw.sum(2) + decay_end * (ends * entering).sum((-1, -2))
-    da = dla.flip(2).cumsum(2).flip(2)  # la = cumsum(dt * A) within each chunk
-    dx = dxd * dt.unsqueeze(-1)
-    ddt = (dxd * x).sum(-1) + da * A
-    dA = (da * dt).sum((0, 1, 2))
-    return dx, ddt, dA, dB, dC, g_entering
+    dla[..., -1] += dw.sum(-1) + decay_end * (ends * entering).sum((3, 5)).view(b, k, h)
+    da = dla.flip(-1).cumsum(-1).flip(-1)  # la = cumsum(dt * A) within each chunk
+    dtT = dt.transpose(2, 3)
+    ddt = (dxd * x).sum(-1).addcmul_(da.transpose(2, 3), A)
+    dA = (da * dtT).sum((0, 1, 3))
+    dx = dxd.mul_(dt.unsqueeze(-1))
+    return dx, ddt, dA, dB.transpose(2, 3), dC.transpose(2, 3), g_entering
 
 
-def _group_sum(t: torch.Tensor, groups: int) -> torch.Tensor:
-    """Per-head ``(b, T, h, n)`` gradients summed back onto ``groups`` shared groups."""
-    b, T, h, n = t.shape
-    return t if groups == h else t.reshape(b, T, groups, h // groups, n).sum(3)
+def _block_grad_factored(g, x, dt, A, B, C, la, cb, entering, gh):
+    """:func:`_block_grad` with the decays factored (:func:`_factored`): with ``g' = exp(c) g``,
+    ``x' = exp(-c) dt x`` and the states scaled by ``exp(la_end / 2)``, every within-chunk term is
+    one matrix product per group, and the gradient of the log decays is read off the forward's
+    and the adjoint's outputs (``P``, ``Q``) instead of the ``(L, L)`` decays of each head."""
+    b, k, L, h, p = x.shape
+    groups, n = B.shape[3], B.shape[4]
+    up, down, half, decay_end = _factors(la)
+    shape, decay_shape = _state_views(b, k, groups, n, h, p)
+    half_s = half.reshape(decay_shape)
+    Bg, Cg = B.transpose(2, 3), C.transpose(2, 3)  # (b, k, g, L, n)
+    w = dt * down
+    xg = _by_group(x * w.unsqueeze(-1), groups)  # x' by group: (b, k, g, L, (h / g) * p)
+    gp = g * up.unsqueeze(-1)
+    gg = _by_group(gp, groups)
+    ends, g_entering = _pass_gradients(torch.matmul(Cg.transpose(-1, -2), gg).view(shape).mul_(half_s), decay_end.reshape(decay_shape), gh)
+    ends_s, entering_s = (ends * half_s).flatten(4), (entering * half_s).flatten(4)
+    dcb = torch.matmul(gg, xg.transpose(-1, -2)).masked_fill_(_above(L, x.device), 0)
+    P = _from_groups(torch.matmul(cb, xg).add_(torch.matmul(Cg, entering_s)), h)  # y = exp(c) P
+    Q = _from_groups(torch.matmul(cb.transpose(-1, -2), gg).add_(torch.matmul(Bg, ends_s)), h)  # dx = w Q
+    dC = torch.matmul(dcb, Bg).add_(torch.matmul(gg, entering_s.transpose(-1, -2)))
+    dB = torch.matmul(dcb.transpose(-1, -2), Cg).add_(torch.matmul(xg, ends_s.transpose(-1, -2)))
+    qx = (Q * x).sum(-1)  # (b, k, L, h)
+    dla = ((gp * P).sum(-1) - qx * w).transpose(2, 3).contiguous()
+    # The inputs carried to each chunk's end, and the state entering it, through exp(la_end).
+    carried = (torch.matmul(Bg.transpose(-1, -2), xg) * ends_s).view(shape).sum((3, 5)).view(b, k, h)
+    dla[..., -1] += carried + decay_end * (ends * entering).sum((3, 5)).view(b, k, h)
+    da = dla.flip(-1).cumsum(-1).flip(-1)  # la = cumsum(dt * A) within each chunk
+    ddt = (qx * down).addcmul_(da.transpose(2, 3), A)
+    dA = (da * dt.transpose(2, 3)).sum((0, 1, 3))
+    dx = Q.mul_(w.unsqueeze(-1))
+    return dx, ddt, dA, dB.transpose(2, 3), dC.transpose(2, 3), g_entering
 
 
 def ssd_scan_grad_bwd_torch(g, x, dt, A, B, C, D, starts: list[torch.Tensor], chunk: int, needs: tuple[bool, ...]):
@@ -250,24 +405,22 @@ def ssd_scan_grad_bwd_torch(g, x, dt, A, B, C, D, starts: list[torch.Tensor], ch
     Returns:
         ``(dx, ddt, dA, dB, dC, dD)``; an entry is ``None`` where ``needs`` says it is not wanted.
     """
-    heads, groups, T = x.shape[2], B.shape[2], x.shape[1]
-    Bh, Ch = _heads(B, heads), _heads(C, heads)
-    chunk, span = _layout(x, Bh, chunk)
-    dx, ddt = torch.empty_like(x), torch.empty_like(dt)
-    dB, dC = torch.empty_like(B), torch.empty_like(C)
+    b, T, h, p = x.shape
+    chunk, span = _layout(x, B, chunk)
+    dx, ddt = x.new_empty(b, T, h, p), dt.new_empty(b, T, h)
+    dB, dC = B.new_empty(B.shape), C.new_empty(C.shape)
     dA = torch.zeros_like(A)
     gh = None
     for index, t0 in reversed(list(enumerate(range(0, T, span)))):
         t1 = min(T, t0 + span)
-        gs, xs, dts, Bs, Cs = (_split(t, t0, t1, chunk) for t in (g, x, dt, Bh, Ch))
+        gs, xs, dts, Bs, Cs = (_split(t, t0, t1, chunk) for t in (g, x, dt, B, C))
         dx_b, ddt_b, dA_b, dB_b, dC_b, gh = _block_grad(gs, xs, dts, A, Bs, Cs, starts[index], gh)
         dA += dA_b
-        dx[:, t0:t1], ddt[:, t0:t1] = _unsplit(dx_b, t1 - t0), _unsplit(ddt_b, t1 - t0)
-        dB[:, t0:t1] = _group_sum(_unsplit(dB_b, t1 - t0), groups)
-        dC[:, t0:t1] = _group_sum(_unsplit(dC_b, t1 - t0), groups)
+        for dest, block in ((dx, dx_b), (ddt, ddt_b), (dB, dB_b), (dC, dC_b)):
+            dest[:, t0:t1] = block.flatten(1, 2)[:, : t1 - t0]
     dD = None
     if D is not None:
-        dx += _skip(D, g)
+        _add_skip(dx, D, g)
         if needs[5]:
             gx = g * x
             dD = gx.sum((0, 1, 3)) if D.dim() == 1 else gx.sum((0, 1))
