@@ -24,6 +24,7 @@ changes the stem).
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import statistics
 import time
@@ -62,13 +63,15 @@ def methods(model, ids) -> dict[str, Callable[[], Any]]:
 
     import mambalrp
 
-    takes_keep = "logits_to_keep" in getattr(model.forward, "__code__", type(model).forward.__code__).co_varnames
+    # The signature (not ``__code__``): transformers wraps ``forward`` in decorators, whose code
+    # object does not list ``logits_to_keep``; the forward must compute the last logits only, as
+    # ``explain`` does.
+    params = inspect.signature(model.forward).parameters
+    kwargs = {name: value for name, value in (("use_cache", False), ("logits_to_keep", 1)) if name in params}
 
     def forward():
         with torch.no_grad():
-            if takes_keep:
-                return model(ids, use_cache=False, logits_to_keep=1)
-            return model(ids)
+            return model(ids, **kwargs)
 
     return {
         "forward": forward,
