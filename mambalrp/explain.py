@@ -73,7 +73,8 @@ def explain(
         input_ids: ``(batch, seq)`` or ``(seq,)`` integer token ids.
         target: What to explain at ``position``: ``None`` for the arg-max, an ``int`` id for all
             rows, a ``(batch,)`` tensor of ids, or a callable mapping the ``(batch, vocab)``
-            output at ``position`` to ``(batch,)`` scores (e.g. a logit difference).
+            output at ``position`` to ``(batch,)`` scores (e.g. a logit difference), score ``i``
+            computed from row ``i`` alone (checked: a callable mixing rows raises ``InputError``).
         position: Sequence position to explain: an ``int`` (negative counts from the end) for
             all rows, or a ``(batch,)`` tensor. Default: the last non-padded token of each row.
             Ignored for models whose output has no sequence dimension (classifiers); giving it

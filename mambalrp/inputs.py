@@ -220,7 +220,10 @@ def select(selected: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch.
                 "the callable target returned scores that do not depend on the model's output "
                 "(nothing to explain); compute them from the logits it receives"
             )
-        return score.reshape(b), None
+        score = score.reshape(b)
+        if b > 1 and selected.requires_grad:
+            _check_rowwise(score, selected)
+        return score, None
     if target is None:
         tgt = selected.detach().argmax(-1)
     elif isinstance(target, torch.Tensor):
@@ -230,6 +233,30 @@ def select(selected: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch.
     if bool(((tgt < 0) | (tgt >= vocab)).any()):
         raise InputError(f"target {tgt.tolist()} out of range for an output of size {vocab}")
     return selected.gather(1, tgt[:, None]).squeeze(1), tgt
+
+
+def _check_rowwise(score: torch.Tensor, selected: torch.Tensor) -> None:
+    """Refuse a callable target whose score ``i`` reads other rows than row ``i``.
+
+    One backward pass carries every row's score (the gradient of their sum), which is each row's
+    own gradient only if score ``i`` depends on row ``i`` alone. Checked on the scores alone: the
+    gradient at ``selected`` of ``sum_i w_i score_i`` must be ``w_i`` times row ``i`` of that of
+    ``sum_i score_i`` (distinct weights ``w``); two backward passes through the callable only.
+    """
+    weights = torch.arange(1, score.shape[0] + 1, dtype=score.dtype, device=score.device)
+    plain, weighted = (
+        torch.autograd.grad((score * w).sum(), selected, retain_graph=True, allow_unused=True)[0]
+        for w in (torch.ones_like(weights), weights)
+    )
+    if plain is None or weighted is None:
+        return
+    expected = plain * weights.view(-1, *([1] * (plain.dim() - 1)))
+    scale = expected.abs().max().clamp_min(torch.finfo(expected.dtype).tiny)
+    if ((weighted - expected).abs().max() / scale).item() > 1e-4:
+        raise InputError(
+            "the callable target mixes rows: score i must be computed from row i of the outputs "
+            "alone (each row is explained on its own; e.g. logits[:, a] - logits[:, b])"
+        )
 
 
 def call_model(

@@ -91,7 +91,8 @@ def explain_outputs(
         input_ids: ``(1, T)`` or ``(T,)`` token ids: one sequence.
         positions: ``(k,)`` positions to explain, each in ``[0, T)``.
         target: ``(k,)`` ids (one per position), one int for all, ``None`` (arg-max), or a
-            callable mapping the ``(k, vocab)`` outputs to ``(k,)`` scores.
+            callable mapping the ``(k, vocab)`` outputs to ``(k,)`` scores, score ``i`` from row
+            ``i`` alone (checked, as by :func:`mambalrp.explain`).
         attention_mask: ``(1, T)`` 0/1 padding mask, or ``None``.
         rules: The rule set.
         verify: Verify the model under the rules first (cached).

@@ -181,3 +181,23 @@ def test_generation_with_rules_that_cannot_batch():
     for i in range(4):
         ref = mambalrp.explain(model, seq[:, : 5 + i], int(exp.generated_ids[i]), rules="gradient")
         assert torch.allclose(exp.relevance[i, : 5 + i], ref.relevance[0], atol=1e-5)
+
+
+def test_callable_target_that_mixes_rows_is_refused():
+    """One backward pass carries every row's score: a target reading other rows would be
+    explained wrongly, so it is refused (explain_outputs and explain alike), the model restored."""
+    model = FAMILIES["mamba"](11)
+    ids = _ids(model)
+    before = snapshot(model)
+
+    def centred(logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, 5] - logits[:, 5].mean()
+
+    with pytest.raises(InputError, match="mixes rows"):
+        explain_outputs(model, ids, POSITIONS, centred)
+    with pytest.raises(InputError, match="mixes rows"):
+        mambalrp.explain(model, ids.expand(2, -1), centred)
+    assert_same_state(model, before)
+    # A row-wise, non-linear target passes and equals explain per position.
+    out = explain_outputs(model, ids, POSITIONS, lambda lg: torch.logsumexp(lg, -1) * lg[:, 2])
+    assert out.relevance.shape == (3, 11)
