@@ -86,7 +86,8 @@ def explain_generation(
     per ``steps_per_backward`` steps instead of one forward and one backward pass per step.
 
     The model is left exactly as it was, as with :func:`mambalrp.explain` (each backward pass
-    goes through ``explain``, with its checks, verification and restoration).
+    goes through :func:`~mambalrp.shared_forward.explain_outputs` or ``explain``, with their
+    checks, verification and restoration).
 
     Args:
         model: A supported causal language model (output ``(batch, seq, vocab)`` logits).
@@ -187,7 +188,6 @@ def explain_generation(
         k = steps_per_backward if steps_per_backward is not None else default_steps_per_backward(p + n)
         relevance = torch.zeros((n, p + n), dtype=torch.float32)
         scores = torch.zeros(n, dtype=torch.float32)
-        verified = bool(verify)
         shared = supports_batched_backward(sequence)
         forward_logits: list[torch.Tensor] = []
         with progress_bar(total=n, desc="explaining", unit="token", progress=progress) as bar:
@@ -207,7 +207,8 @@ def explain_generation(
                             model, sequence[:, :length], positions, target,
                             attention_mask=window, rules=rule_set, verify=verify,
                         )  # fmt: skip
-                        forward_logits.append(outputs.float().cpu())
+                        if step_logits is None:  # a given continuation: its step scores come from here
+                            forward_logits.append(outputs.float().cpu())
                     except BatchedBackwardError:
                         shared = False  # this model's backward takes one cotangent: copies from here on
                 if not shared:
@@ -225,10 +226,8 @@ def explain_generation(
                 scores[a:b] = logit.detach().float().cpu()
                 bar.update(rows)
         if step_logits is None:
-            if shared:  # every group went through explain_outputs: its forward gave the logits
-                step_logits = torch.cat(forward_logits)
-            else:
-                step_logits = _teacher_forced_logits(model, prompt, mask, new)
+            # Every group through explain_outputs: their forwards gave the logits; else one more.
+            step_logits = torch.cat(forward_logits) if shared else _teacher_forced_logits(model, prompt, mask, new)
     # Positions a step cannot see hold exactly zero (causality gives zeros; this makes it exact).
     steps = torch.arange(n)[:, None]
     relevance[torch.arange(p + n)[None, :] >= p + steps] = 0.0
@@ -244,7 +243,7 @@ def explain_generation(
         input_ids=sequence,
         attention_mask=None if full_mask is None else full_mask.cpu(),
         rules=rule_set.name,
-        verified=verified,
+        verified=bool(verify),
         tokens=None if tokenizer is None else [token_strings(tokenizer, sequence[0].tolist())],
         kind="generation",
         generated_ids=new.cpu().clone(),

@@ -29,6 +29,7 @@ from mambalrp.errors import InputError, UnsupportedModelError
 from mambalrp.functional import dispatch
 from mambalrp.inputs import (
     Target,
+    _is_integer_dtype,
     call_model,
     capture_embedding,
     check_model,
@@ -162,7 +163,7 @@ def _batched_grad(score: torch.Tensor, emb: torch.Tensor, head_input: torch.Tens
             # Operations without a batching rule fall back to a loop over the cotangents (exact,
             # slower); torch warns about each.
             warnings.filterwarnings("ignore", message=".*performance drop.*")
-            if head_input is not None and head_input.shape[:2] == (1, k):
+            if head_input is not None:
                 (rows,) = torch.autograd.grad(score.sum(), head_input, retain_graph=True)
                 eye = torch.eye(k, dtype=rows.dtype, device=rows.device)
                 cotangents = eye[:, None, :, None] * rows  # (k, 1, k, d): cotangent i is row i
@@ -178,7 +179,7 @@ def _batched_grad(score: torch.Tensor, emb: torch.Tensor, head_input: torch.Tens
 def _positions(positions: Any, length: int, device: torch.device) -> torch.Tensor:
     if not isinstance(positions, torch.Tensor) or positions.dim() != 1 or positions.numel() == 0:
         raise InputError("positions must be a non-empty (k,) tensor of ints")
-    if positions.dtype.is_floating_point or positions.dtype.is_complex or positions.dtype == torch.bool:
+    if not _is_integer_dtype(positions.dtype):
         raise InputError(f"positions must hold integers; got dtype {positions.dtype}")
     pos = positions.to(device=device, dtype=torch.long)
     if bool(((pos < 0) | (pos >= length)).any()):
