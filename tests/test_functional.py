@@ -226,6 +226,30 @@ def test_ssd_scan_chunks(chunk, factored, monkeypatch):
     assert torch.allclose(ssd_scan_lrp_bwd_torch(g, dt, A, B, C, D, chunk=chunk), dx_r, atol=1e-12)
 
 
+@pytest.mark.parametrize("factor_range", [40.0, 0.5, -1.0], ids=["factored", "some-heads-fast", "all-heads-fast"])
+@pytest.mark.parametrize("span_elements", [1, 200, 1 << 22], ids=["span-of-1-chunk", "span-of-some-chunks", "one-span"])
+def test_ssd_scan_spans_and_fast_heads(factor_range, span_elements, monkeypatch):
+    """Spans of chunks carry the state (and its gradient) between them; heads whose chunks decay
+    too fast to factor take the segment form, alone or beside factored heads of their group."""
+    from mambalrp.functional import ssd
+    from mambalrp.functional.ssd import ssd_scan_fwd_torch, ssd_scan_grad, ssd_scan_lrp_bwd_torch
+
+    monkeypatch.setattr(ssd, "FACTOR_RANGE", factor_range)
+    monkeypatch.setattr(ssd, "SPAN_ELEMENTS", span_elements)
+    x, dt, A, B, C, D = _ssd_inputs(b=2, T=29, h=6, p=3, g=3, n=4, d_per_dim=True)
+    dt = dt * torch.linspace(0.05, 2.0, 6, dtype=dt.dtype)  # some heads decay fast, some slowly
+    y_r = ops.ssd_scan_ref(x, dt, A, B, C, D)
+    g = torch.randn_like(x)
+    _, (dx_r,) = _grads(lambda x: ops.ssd_scan_ref(x, dt, A, B, C, D), x, g=g)
+    torch.testing.assert_close(ssd_scan_fwd_torch(x, dt, A, B, C, D, chunk=4), y_r, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ssd_scan_lrp_bwd_torch(g, dt, A, B, C, D, chunk=4), dx_r, rtol=0, atol=1e-12)
+    y, grads = _grads(lambda *a: ssd_scan_grad(*a, chunk=4), x, dt, A, B, C, D, g=g)
+    _, grads_r = _grads(lambda *a: ops.ssd_scan_ref(*a, detach=False), x, dt, A, B, C, D, g=g)
+    torch.testing.assert_close(y, y_r, rtol=0, atol=1e-12)
+    for got, want in zip(grads, grads_r):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
 def test_ssd_scan_true_gradient_mode():
     x, dt, A, B, C, D = _ssd_inputs(T=19)
     g = torch.randn_like(x)
@@ -249,9 +273,9 @@ def test_scan_shape_errors():
 
 @pytest.mark.parametrize("chunks", [1, 2, 7, 40])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_ssd_state_passing_closed_form_equals_the_recurrence(chunks, with_state):
-    """The SSD scan passes states between chunks in closed form; it must equal the recurrence
-    ``H_{j+1} = d_j H_j + local_j`` (and its adjoint), also with a decay of exactly zero."""
+def test_ssd_gradient_passing_equals_the_recurrence(chunks, with_state):
+    """The true gradient's backward passes the state's gradient between chunks; it must equal the
+    adjoint of ``H_{j+1} = d_j H_j + local_j``, also with a decay of exactly zero."""
     from mambalrp.functional import ssd
 
     gen = torch.Generator().manual_seed(chunks)
@@ -259,15 +283,6 @@ def test_ssd_state_passing_closed_form_equals_the_recurrence(chunks, with_state)
     decay = torch.rand(2, chunks, 3, dtype=torch.float64, generator=gen)
     decay[0, 0, 0] = 0.0
     h = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=gen) if with_state else None
-
-    state = torch.zeros_like(local[:, 0]) if h is None else h
-    entering = []
-    for j in range(chunks):
-        entering.append(state)
-        state = decay[:, j, :, None, None] * state + local[:, j]
-    got_entering, got_after = ssd._pass_states(local, decay[..., None, None], h)
-    torch.testing.assert_close(got_entering, torch.stack(entering, 1), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(got_after, state, rtol=1e-12, atol=1e-12)
 
     grad = torch.zeros_like(local[:, 0]) if h is None else h
     ends = [None] * chunks

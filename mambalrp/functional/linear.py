@@ -79,11 +79,23 @@ def depthwise_conv1d(
     """
     if weight.dim() == 2:
         weight = weight.unsqueeze(1)
+    if weight.shape[1] != 1 or x.dim() != 3 or x.shape[1] != weight.shape[0]:
+        raise ValueError(f"depthwise conv1d needs x (b, d, T) and weight (d, 1, k); got {tuple(x.shape)} and {tuple(weight.shape)}")
     left, right = conv_padding(padding, weight.shape[-1])
-    if (left, right) == (weight.shape[-1] - 1, 0):
-        return causal_conv1d(x, weight, bias)
-    x = F.pad(x.to(weight.dtype), (left, right))
-    return F.conv1d(x, weight, bias, groups=weight.shape[0])
+    if x.shape[-1] + left + right < weight.shape[-1]:
+        raise ValueError(f"a kernel of {weight.shape[-1]} taps does not fit {x.shape[-1]} steps padded by {(left, right)}")
+    x = x.to(weight.dtype)
+    # Time-major memory (a transposed view, as Mamba's mixers pass the in_proj output) is
+    # convolved as it lies, so neither direction transposes anything and the result stays
+    # time-major (the mixer's later element-wise steps and the scan then read contiguous rows).
+    time_major = x.stride(1) == 1 and x.stride(-1) != 1
+    if time_major:
+        out = DepthwiseConv1dFn.apply(x.transpose(1, 2), weight, left, right, 1).transpose(1, 2)
+    else:
+        out = DepthwiseConv1dFn.apply(x, weight, left, right, 2)
+    # The bias is added outside the Function: a visible addition, as the conservation checks
+    # expect (they find the parameters that absorb relevance by watching additions).
+    return out if bias is None else out + bias.to(out.dtype)[:, None]
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -97,11 +109,61 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     Returns:
         ``(b, d, T)``: output ``t`` sees inputs ``t-k+1 .. t``.
     """
-    if weight.dim() == 2:
-        weight = weight.unsqueeze(1)
-    width = weight.shape[-1]
-    out = F.conv1d(x.to(weight.dtype), weight, bias, padding=width - 1, groups=weight.shape[0])
-    return out[..., : x.shape[-1]]
+    return depthwise_conv1d(x, weight, bias, "causal")
+
+
+class DepthwiseConv1dFn(torch.autograd.Function):
+    """Bias-free depthwise conv1d with ``left`` / ``right`` zeros around time, as one shifted
+    multiply-add per tap, forward and backward. ``apply(x, weight (d, 1, k), left, right,
+    time_dim)``: ``x`` is ``(b, d, T)`` with ``time_dim=2`` or ``(b, T, d)`` with ``time_dim=1``, and
+    the result is laid out the same way."""
+
+    @staticmethod
+    def forward(ctx, x, weight, left: int, right: int, time_dim: int):
+        ctx.save_for_backward(x, weight)
+        ctx.left, ctx.time_dim = left, time_dim
+        return _shifted_taps(x, weight[:, 0], left, x.shape[time_dim] + left + right - weight.shape[-1] + 1, time_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        left, k, time_dim = ctx.left, weight.shape[-1], ctx.time_dim
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            # Output t reads input t + j - left through tap j: input s gets tap j of output s - j + left.
+            dx = _shifted_taps(grad, weight[:, 0].flip(-1), k - 1 - left, x.shape[time_dim], time_dim)
+        if ctx.needs_input_grad[1]:
+            dw = torch.stack([_tap_product(grad, x, j - left, time_dim) for j in range(k)], dim=-1).unsqueeze(1)
+        return dx, dw, None, None, None
+
+
+def _steps(t: torch.Tensor, lo: int, hi: int, time_dim: int) -> torch.Tensor:
+    return t.narrow(time_dim, lo, hi - lo)
+
+
+def _shifted_taps(v: torch.Tensor, taps: torch.Tensor, left: int, length: int, time_dim: int) -> torch.Tensor:
+    """``out[t] = sum_j taps[:, j] * v[t + j - left]`` along ``time_dim`` for ``t < length`` (zero
+    where ``v`` has no step); ``taps (d, k)``, channels the other non-batch dimension."""
+    shape = list(v.shape)
+    steps, shape[time_dim] = shape[time_dim], length
+    out = v.new_zeros(shape)
+    per_channel = taps.t() if time_dim == 1 else taps.t().unsqueeze(-1)  # (k, d) or (k, d, 1)
+    for j in range(taps.shape[-1]):
+        shift = j - left  # output t reads v[t + shift]
+        lo, hi = max(0, -shift), min(length, steps - shift)
+        if lo < hi:
+            _steps(out, lo, hi, time_dim).addcmul_(_steps(v, lo + shift, hi + shift, time_dim), per_channel[j])
+    return out
+
+
+def _tap_product(grad: torch.Tensor, x: torch.Tensor, shift: int, time_dim: int) -> torch.Tensor:
+    """``sum over batch and t of grad[t] * x[t + shift]`` where both exist: ``(d,)``."""
+    lo, hi = max(0, -shift), min(grad.shape[time_dim], x.shape[time_dim] - shift)
+    channels = 3 - time_dim
+    if lo >= hi:
+        return grad.new_zeros(grad.shape[channels])
+    product = _steps(grad, lo, hi, time_dim) * _steps(x, lo + shift, hi + shift, time_dim)
+    return product.sum((0, time_dim))
 
 
 def _vjp(op: LinearOp, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, padding: ConvPadding = "causal") -> torch.Tensor:

@@ -25,6 +25,8 @@ from mambalrp.functional import scan_core
 from mambalrp.functional.scan_core import acc
 
 DEFAULT_CHUNK = 32
+# Elements of one span's (steps, heads * head_dim) working tensors (see _span_length).
+SPAN_ELEMENTS = 1 << 22
 # Largest decay of one chunk, -log(exp(la_end)), for which the decays are factored per step.
 FACTOR_RANGE = 40.0
 
@@ -208,79 +210,152 @@ def _state_views(b: int, k: int, groups: int, n: int, h: int, p: int):
     return (b, k, groups, n, h // groups, p), (b, k, groups, 1, h // groups, 1)
 
 
+def _grouped(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """``(b, k, L, h, ...)`` -> ``(k, b, g, L, h / g, ...)``: a view with the chunks first and the
+    heads of a group side by side (how the span's matrix products take them)."""
+    return t.unflatten(3, (groups, -1)).permute(1, 0, 3, 2, 4, *range(5, t.dim() + 1))
+
+
+def _grouped_heads(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per-step, per-head values ``(b, k, L, h)`` as ``(k, b, g, L, h / g, 1)`` (a view)."""
+    return _grouped(t, groups).unsqueeze(-1)
+
+
+class _Span:
+    """The coefficient terms of one span of chunks (steps ``t0..t1``), shared by the forward and
+    the reverse scan.
+
+    A head is *fast* in the span when one of its chunks decays by more than ``exp(-FACTOR_RANGE)``.
+    The within-chunk terms of the other heads are factored per step, ``exp(la_l - la_s) =
+    exp(la_l - la_end) exp(la_end - la_s)``, so every head of a group shares one matrix product
+    with ``C . B``; a fast head gets its ``(L, L)`` decays instead (the factors would overflow).
+    """
+
+    def __init__(self, dt, A, B, C, t0: int, t1: int, chunk: int, dtype: torch.dtype):
+        self.dt = _split(dt, t0, t1, chunk)  # (b, k, L, h)
+        groups = B.shape[2]
+        b, k, L, h = self.dt.shape
+        self.groups, self.grouped_shape = groups, (k, b, groups, L, h // groups)
+        self.la = _log_decays(self.dt, A, dtype).transpose(2, 3)  # (b, k, L, h), cumulative in each chunk
+        la_end = self.la[:, :, -1:]
+        self.to_end = torch.exp(la_end - self.la)  # decay from each step to its chunk's end (<= 1)
+        self.decay_end = _grouped_heads(la_end.exp(), groups).reshape(k, b * groups, 1, h // groups, 1)
+        fast = (la_end < -FACTOR_RANGE).flatten(0, 2).any(0)
+        self.fast = fast.nonzero().flatten() if bool(fast.any()) else None
+        Bs, Cs = (_split(t, t0, t1, chunk).permute(1, 0, 3, 2, 4).contiguous() for t in (B, C))  # (k, b, g, L, n)
+        self.B, self.C = Bs, Cs
+        self.cb = torch.matmul(Cs, Bs.transpose(-1, -2)).masked_fill_(_above(L, Bs.device), 0)  # (k, b, g, L, L)
+
+    def chunk_views(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """``(k, b, g, L, ...)`` tensors as ``(k, b * g, L, -1)``: one chunk's batched matrices."""
+        k, b, g, L, _ = self.grouped_shape
+        return [t.reshape(k, b * g, L, -1) for t in tensors]
+
+    def fast_terms(self, v: torch.Tensor, reverse: bool) -> torch.Tensor:
+        """The within-chunk terms of the fast heads, ``(k, b, f, L, p)``, from ``v (b, k, L, f, p)``
+        (their ``dt x`` in the forward, their gradient in the reverse scan)."""
+        la = self.la[..., self.fast].transpose(2, 3)  # (b, k, f, L)
+        decay = (la.unsqueeze(-1) - la.unsqueeze(-2)).masked_fill_(_above(la.shape[-1], la.device), float("-inf")).exp_()
+        scores = decay.transpose(0, 1).mul_(self.cb.index_select(2, self.fast // self.grouped_shape[-1]))
+        return torch.matmul(scores.transpose(-1, -2) if reverse else scores, v.permute(1, 0, 3, 2, 4))
+
+    def put_fast(self, inner: torch.Tensor, values: torch.Tensor) -> None:
+        """Write ``values (k, b, f, L, p)`` into the fast heads of ``inner (k, b, g, L, h / g, p)``."""
+        per_group = self.grouped_shape[-1]
+        inner[:, :, self.fast // per_group, :, self.fast % per_group, :] = values.permute(2, 0, 1, 3, 4)
+
+
+def _span_length(b: int, h: int, p: int, chunk: int) -> int:
+    """Steps per span: a whole number of chunks whose ``(steps, heads * head_dim)`` working
+    tensors stay near ``SPAN_ELEMENTS``."""
+    return chunk * max(1, SPAN_ELEMENTS // (b * chunk * h * p))
+
+
 def ssd_scan_fwd_torch(x, dt, A, B, C, D, chunk: int = DEFAULT_CHUNK, starts: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Chunked forward without autograd; float32 inputs. Returns ``y`` (b, T, h, p).
 
-    Chunks are handled a block at a time: the terms inside every chunk of a block are batched
-    tensor operations and only the state passed from chunk to chunk is a loop. Within a chunk,
-    ``C . B`` is computed once per group; where the chunks' decays allow (:func:`_factored`),
-    the decays are factored per step, so the heads of a group share one matrix product, else
-    each head gets its ``(L, L)`` decays. With ``starts`` (a list), the states entering the
-    chunks of each block, ``(b, k, g, n, h / g, p)``, are appended to it (what the true
-    gradient's backward restarts from)."""
+    The steps are taken a span of chunks at a time. Within a span, every term that does not
+    depend on the state carried between chunks is a batched tensor operation over all its chunks:
+    the inputs weighted by their decay to the chunk's end, ``C . B`` once per group, the
+    within-chunk outputs. Only the state, ``(n, (h / g) p)`` per group, is carried from chunk to
+    chunk, by two matrix products per chunk (the state read by the chunk's outputs, and the
+    chunk's inputs added to it), so it stays in cache. With ``starts`` (a list), one tensor
+    ``(b, chunks, g, n, h / g, p)`` holding the state entering every chunk is appended to it
+    (what the true gradient's backward restarts from)."""
     b, T, h, p = x.shape
     groups, n = B.shape[2], B.shape[3]
-    chunk, span = _layout(x, B, chunk)
+    per_group = h // groups
+    chunk = max(1, min(chunk, T))
+    span = _span_length(b, h, p, chunk)
     y = x.new_empty(b, T, h, p)
-    state = None
+    state = x.new_zeros(b * groups, n, per_group * p)
+    entering = None
+    if starts is not None:
+        entering = x.new_empty(b, -(-T // chunk), groups, n, per_group, p)
+        starts.append(entering)
     for t0 in range(0, T, span):
         t1 = min(T, t0 + span)
-        xs, dts, Bs, Cs = (_split(t, t0, t1, chunk) for t in (x, dt, B, C))
-        shape, decay_shape = _state_views(b, xs.shape[1], groups, n, h, p)
-        la, cb = _log_decays(dts, A, Bs.dtype), _scores_cb(Bs, Cs)
+        s = _Span(dt, A, B, C, t0, t1, chunk, x.dtype)
+        k, _, _, L, _ = s.grouped_shape
+        xs = _split(x, t0, t1, chunk)  # (b, k, L, h, p)
+        weighted = x.new_empty(k, b, groups, L, per_group, p)  # dt x decayed to the chunk's end
+        torch.mul(_grouped(xs, groups), _grouped_heads(s.dt * s.to_end, groups), out=weighted)
+        inner = torch.matmul(s.cb, weighted.view(k, b, groups, L, per_group * p))
+        up = torch.exp(s.la - s.la[:, :, -1:])  # inner * up: the within-chunk outputs
+        if s.fast is not None:
+            s.put_fast(inner.view(weighted.shape), s.fast_terms(xs[..., s.fast, :] * s.dt[..., s.fast, None], reverse=False))
+            up[..., s.fast] = 1
+        read = x.new_empty(k, b, groups, L, per_group * p)  # C_l . state entering the chunk
+        Ck, Bk, wk, rk = s.chunk_views(s.C, s.B, weighted, read)
+        for j in range(k):
+            if entering is not None:
+                entering[:, t0 // chunk + j].copy_(state.view(b, groups, n, per_group, p))
+            torch.bmm(Ck[j], state, out=rk[j])
+            state.view(b * groups, n, per_group, p).mul_(s.decay_end[j])
+            state.baddbmm_(Bk[j].transpose(-1, -2), wk[j])
         out = _out(y, t0, t1, chunk)
-        if _factored(la):
-            # y_l = exp(c_l) [sum_s cb_ls exp(-c_s) dt_s x_s + exp(la_end / 2) C_l H]
-            up, down, half, decay_end = _factors(la)
-            xg = _by_group(xs * (dts * down).unsqueeze(-1), groups)
-            local = torch.matmul(Bs.permute(0, 1, 3, 4, 2), xg).view(shape).mul_(half.reshape(decay_shape))
-            entering, state = _pass_states(local, decay_end.reshape(decay_shape), state)
-            inner = torch.matmul(cb, xg).add_(torch.matmul(Cs.transpose(2, 3), (entering * half.reshape(decay_shape)).flatten(4)))
-            torch.mul(_from_groups(inner, h), up.unsqueeze(-1), out=out)
-        else:
-            _, scores = _segment_terms(la, cb)
-            grow, to_end, decay_end = _decays(la)
-            xd = xs * dts.unsqueeze(-1)
-            intra = torch.matmul(scores, xd.transpose(2, 3)).transpose(2, 3)
-            local = torch.matmul(Bs.permute(0, 1, 3, 4, 2), _by_group(xd.mul_(to_end.unsqueeze(-1)), groups))
-            entering, state = _pass_states(local.view(shape), decay_end.reshape(decay_shape), state)
-            inter = _from_groups(torch.matmul(Cs.transpose(2, 3), entering.flatten(4)), h)
-            torch.addcmul(intra, inter, grow.unsqueeze(-1), out=out)
-        if starts is not None:
-            starts.append(entering)
+        grouped = _grouped(out, groups)
+        torch.mul(inner.view(weighted.shape), _grouped_heads(up, groups), out=grouped)
+        grouped.addcmul_(read.view(weighted.shape), _grouped_heads(s.la.exp(), groups))
         _store(y, t0, t1, out)
     return _add_skip(y, D, x)
 
 
 def ssd_scan_lrp_bwd_torch(g, dt, A, B, C, D, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """Adjoint scan of the SSM rule; float32 inputs. Returns ``dx`` (b, T, h, p)."""
+    """Adjoint scan of the SSM rule; float32 inputs. Returns ``dx`` (b, T, h, p).
+
+    The mirror of :func:`ssd_scan_fwd_torch`, spans and chunks taken last to first: the gradient
+    of the state is carried backwards, ``G <- decay_end G + C^T (exp(la) g)``, and each step's
+    input reads it through ``B``."""
     b, T, h, p = g.shape
     groups, n = B.shape[2], B.shape[3]
-    chunk, span = _layout(g, B, chunk)
+    per_group = h // groups
+    chunk = max(1, min(chunk, T))
+    span = _span_length(b, h, p, chunk)
     dx = g.new_empty(b, T, h, p)
-    gh = None  # gradient of the state after the current block, from later blocks
+    state = g.new_zeros(b * groups, n, per_group * p)  # gradient of the state after the span
     for t0 in reversed(range(0, T, span)):
         t1 = min(T, t0 + span)
-        gs, dts, Bs, Cs = (_split(t, t0, t1, chunk) for t in (g, dt, B, C))
-        shape, decay_shape = _state_views(b, gs.shape[1], groups, n, h, p)
-        la, cb = _log_decays(dts, A, Bs.dtype), _scores_cb(Bs, Cs)
+        s = _Span(dt, A, B, C, t0, t1, chunk, g.dtype)
+        k, _, _, L, _ = s.grouped_shape
+        gs = _split(g, t0, t1, chunk)
+        grown = g.new_empty(k, b, groups, L, per_group, p)  # g decayed back to the chunk's start
+        torch.mul(_grouped(gs, groups), _grouped_heads(s.la.exp(), groups), out=grown)
+        inner = torch.matmul(s.cb.transpose(-1, -2), grown.view(k, b, groups, L, per_group * p))
+        down = s.dt * torch.exp(-s.la)  # inner * down: the within-chunk terms of dx
+        if s.fast is not None:
+            s.put_fast(inner.view(grown.shape), s.fast_terms(gs[..., s.fast, :], reverse=True))
+            down[..., s.fast] = s.dt[..., s.fast]
+        read = g.new_empty(k, b, groups, L, per_group * p)  # B_s . gradient of the chunk's end state
+        Ck, Bk, gk, rk = s.chunk_views(s.C, s.B, grown, read)
+        for j in reversed(range(k)):
+            torch.bmm(Bk[j], state, out=rk[j])
+            state.view(b * groups, n, per_group, p).mul_(s.decay_end[j])
+            state.baddbmm_(Ck[j].transpose(-1, -2), gk[j])
         out = _out(dx, t0, t1, chunk)
-        if _factored(la):
-            # dx_s = dt_s exp(-c_s) [sum_l cb_ls exp(c_l) g_l + B_s exp(la_end / 2) G_end]
-            up, down, half, decay_end = _factors(la)
-            gg = _by_group(gs * up.unsqueeze(-1), groups)
-            local = torch.matmul(Cs.permute(0, 1, 3, 4, 2), gg).view(shape).mul_(half.reshape(decay_shape))
-            ends, gh = _pass_gradients(local, decay_end.reshape(decay_shape), gh)
-            inner = torch.matmul(cb.transpose(-1, -2), gg).add_(torch.matmul(Bs.transpose(2, 3), ends.mul_(half.reshape(decay_shape)).flatten(4)))
-            torch.mul(_from_groups(inner, h), (dts * down).unsqueeze(-1), out=out)
-        else:
-            _, scores = _segment_terms(la, cb)
-            grow, to_end, decay_end = _decays(la)
-            dxd = torch.matmul(scores.transpose(-1, -2), gs.transpose(2, 3)).transpose(2, 3).mul_(dts.unsqueeze(-1))
-            local = torch.matmul(Cs.permute(0, 1, 3, 4, 2), _by_group(gs * grow.unsqueeze(-1), groups))
-            ends, gh = _pass_gradients(local.view(shape), decay_end.reshape(decay_shape), gh)
-            inter = _from_groups(torch.matmul(Bs.transpose(2, 3), ends.flatten(4)), h)
-            torch.addcmul(dxd, inter, (to_end * dts).unsqueeze(-1), out=out)
+        grouped = _grouped(out, groups)
+        torch.mul(inner.view(grown.shape), _grouped_heads(down, groups), out=grouped)
+        grouped.addcmul_(read.view(grown.shape), _grouped_heads(s.dt * s.to_end, groups))
         _store(dx, t0, t1, out)
     return _add_skip(dx, D, g)
 
@@ -398,7 +473,8 @@ def _block_grad_factored(g, x, dt, A, B, C, la, cb, entering, gh):
 def ssd_scan_grad_bwd_torch(g, x, dt, A, B, C, D, starts: list[torch.Tensor], chunk: int, needs: tuple[bool, ...]):
     """The true gradient of the SSD scan; float32 inputs.
 
-    Walks the blocks of chunks backwards from the states saved by the forward (``starts``),
+    Walks the blocks of chunks backwards from the states the forward saved entering each chunk
+    (``starts``, one tensor),
     carrying the gradient of the state between blocks, with each block's gradients in closed
     form (:func:`_block_grad`).
 
@@ -411,10 +487,11 @@ def ssd_scan_grad_bwd_torch(g, x, dt, A, B, C, D, starts: list[torch.Tensor], ch
     dB, dC = B.new_empty(B.shape), C.new_empty(C.shape)
     dA = torch.zeros_like(A)
     gh = None
-    for index, t0 in reversed(list(enumerate(range(0, T, span)))):
+    for t0 in reversed(range(0, T, span)):
         t1 = min(T, t0 + span)
         gs, xs, dts, Bs, Cs = (_split(t, t0, t1, chunk) for t in (g, x, dt, B, C))
-        dx_b, ddt_b, dA_b, dB_b, dC_b, gh = _block_grad(gs, xs, dts, A, Bs, Cs, starts[index], gh)
+        entering = starts[0][:, t0 // chunk : t0 // chunk + gs.shape[1]]
+        dx_b, ddt_b, dA_b, dB_b, dC_b, gh = _block_grad(gs, xs, dts, A, Bs, Cs, entering, gh)
         dA += dA_b
         for dest, block in ((dx, dx_b), (ddt, ddt_b), (dB, dB_b), (dC, dC_b)):
             dest[:, t0:t1] = block.flatten(1, 2)[:, : t1 - t0]
