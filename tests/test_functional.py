@@ -269,26 +269,3 @@ def test_scan_shape_errors():
     x, dt, A, B, C, D = _ssd_inputs(T=5)
     with pytest.raises(ValueError, match="heads % groups"):
         ops.ssd_scan_lrp(x, dt, A, B[:, :, :1].expand(-1, -1, 3, -1), C, D)
-
-
-@pytest.mark.parametrize("chunks", [1, 2, 7, 40])
-@pytest.mark.parametrize("with_state", [False, True])
-def test_ssd_gradient_passing_equals_the_recurrence(chunks, with_state):
-    """The true gradient's backward passes the state's gradient between chunks; it must equal the
-    adjoint of ``H_{j+1} = d_j H_j + local_j``, also with a decay of exactly zero."""
-    from mambalrp.functional import ssd
-
-    gen = torch.Generator().manual_seed(chunks)
-    local = torch.randn(2, chunks, 3, 4, 5, dtype=torch.float64, generator=gen)
-    decay = torch.rand(2, chunks, 3, dtype=torch.float64, generator=gen)
-    decay[0, 0, 0] = 0.0
-    h = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=gen) if with_state else None
-
-    grad = torch.zeros_like(local[:, 0]) if h is None else h
-    ends = [None] * chunks
-    for j in reversed(range(chunks)):
-        ends[j] = grad
-        grad = decay[:, j, :, None, None] * grad + local[:, j]
-    got_ends, got_in = ssd._pass_gradients(local, decay[..., None, None], h)
-    torch.testing.assert_close(got_ends, torch.stack(ends, 1), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(got_in, grad, rtol=1e-12, atol=1e-12)

@@ -21,12 +21,13 @@ from typing import Literal
 import torch
 
 from mambalrp.functional.scan_fn import scan_grad_function, scan_lrp_function
-from mambalrp.functional import scan_core
 from mambalrp.functional.scan_core import acc
 
 DEFAULT_CHUNK = 32
 # Elements of one span's (steps, heads * head_dim) working tensors (see _span_length).
 SPAN_ELEMENTS = 1 << 22
+# Elements of the states the true gradient keeps for one span (see _span_length).
+STATE_ELEMENTS = 1 << 21
 # Largest decay of one chunk, -log(exp(la_end)), for which the decays are factored per step.
 FACTOR_RANGE = 40.0
 
@@ -65,13 +66,6 @@ def _add_skip(out: torch.Tensor, D: torch.Tensor | None, v: torch.Tensor) -> tor
     return out
 
 
-def _chunks_per_block(b: int, h: int, p: int, n: int, chunk: int) -> int:
-    """How many chunks one block handles at once: its largest working tensors (the ``(L, L)``
-    decays and the states, per chunk) stay near ``CHUNK_ELEMENTS``."""
-    per_chunk = b * max(chunk * chunk * h, h * p * n, chunk * h * max(p, n))
-    return max(1, scan_core.CHUNK_ELEMENTS // per_chunk)
-
-
 def _split(t: torch.Tensor, t0: int, t1: int, chunk: int) -> torch.Tensor:
     """Steps ``t0..t1`` of a ``(b, T, ...)`` tensor as ``(b, k, chunk, ...)``, zero-padded to whole
     chunks (a padded step has ``dt = 0``: no decay and no input, so it changes nothing). A view
@@ -99,17 +93,6 @@ def _store(dest: torch.Tensor, t0: int, t1: int, block: torch.Tensor) -> None:
         dest[:, t0:t1] = block.flatten(1, 2)[:, : t1 - t0]
 
 
-def _by_group(t: torch.Tensor, groups: int) -> torch.Tensor:
-    """``(b, k, L, h, p)`` -> ``(b, k, groups, L, (h / groups) * p)``: the heads sharing a group's
-    ``B`` and ``C`` side by side, so one matrix product per group serves them all."""
-    return t.flatten(3).unflatten(3, (groups, -1)).transpose(2, 3)
-
-
-def _from_groups(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """The inverse of :func:`_by_group`: ``(b, k, g, L, (h / g) * p)`` -> ``(b, k, L, h, p)``."""
-    return t.transpose(2, 3).flatten(3).unflatten(3, (heads, -1))
-
-
 def _log_decays(dt: torch.Tensor, A: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The cumulative log decay within each chunk, ``la (b, k, h, L)``, of ``dt (b, k, L, h)``."""
     dtype = torch.promote_types(torch.promote_types(dt.dtype, A.dtype), dtype)
@@ -119,95 +102,6 @@ def _log_decays(dt: torch.Tensor, A: torch.Tensor, dtype: torch.dtype) -> torch.
 def _above(L: int, device: torch.device) -> torch.Tensor:
     """The ``(L, L)`` mask of the pairs ``s > l`` (a step never reads a later one)."""
     return torch.ones(L, L, dtype=torch.bool, device=device).triu(1)
-
-
-def _scores_cb(B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """``C_l . B_s`` for ``s <= l`` (zero above the diagonal), once per group: ``B, C (b, k, L, g,
-    n)`` -> ``(b, k, g, L, L)``."""
-    cb = torch.matmul(C.transpose(2, 3), B.permute(0, 1, 3, 4, 2))
-    return cb.masked_fill_(_above(cb.shape[-1], cb.device), 0)
-
-
-def _factored(la: torch.Tensor) -> bool:
-    """Whether every chunk's decay ``exp(la_l - la_s)`` may be computed as ``exp(c_l) exp(-c_s)``
-    with ``c = la - la_end / 2``: both factors stay within ``exp(+-FACTOR_RANGE / 2)``, far from
-    overflow and underflow, and the products are as accurate as the exponentials of the
-    differences."""
-    return bool((la[..., -1] >= -FACTOR_RANGE).all())
-
-
-def _factors(la: torch.Tensor):
-    """The factored decays of a block (:func:`_factored`): ``exp(c)`` and ``exp(-c)`` seen as
-    ``(b, k, L, h)``, ``exp(la_end / 2)`` and the decay of each whole chunk ``exp(la_end)``,
-    both ``(b, k, h)``."""
-    half = la[..., -1:] * 0.5
-    c = la - half
-    return c.exp().transpose(2, 3), c.neg_().exp_().transpose(2, 3), half.exp().squeeze(-1), la[..., -1].exp()
-
-
-def _segment_terms(la: torch.Tensor, cb: torch.Tensor, keep_decay: bool = False):
-    """The within-chunk terms in segment form, for any decay: ``decay[l, s] = exp(la_l - la_s)``
-    (``s <= l``, else 0) and the scores ``cb * decay``, both ``(b, k, h, L, L)``. ``decay`` is
-    ``None`` unless ``keep_decay`` (the scores are then computed in its place)."""
-    b, k, h, L = la.shape
-    groups = cb.shape[2]
-    decay = (la.unsqueeze(-1) - la.unsqueeze(-2)).masked_fill_(_above(L, la.device), float("-inf")).exp_()
-    grouped = decay.view(b, k, groups, h // groups, L, L)
-    scores = grouped * cb.unsqueeze(3) if keep_decay else grouped.mul_(cb.unsqueeze(3))
-    return (decay if keep_decay else None), scores.view(b, k, h, L, L)
-
-
-def _decays(la: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """From ``la (b, k, h, L)``: ``exp(la)`` and the decay from each step to its chunk's end
-    ``exp(la_end - la)``, both seen as ``(b, k, L, h)``, and the decay of each whole chunk
-    ``(b, k, h)``."""
-    grow = la.exp()
-    to_end = torch.exp(la[..., -1:] - la)
-    return grow.transpose(2, 3), to_end.transpose(2, 3), grow[..., -1]
-
-
-def _pass_states(local: torch.Tensor, decay_end: torch.Tensor, h: torch.Tensor | None):
-    """States entering each chunk of a block: ``H_0 = h`` (zero if ``None``),
-    ``H_{j+1} = decay_end_j H_j + local_j``; ``local (b, k, ...)``, ``decay_end (b, k, ...)``
-    broadcasting against one chunk's state. Returns ``(entering (b, k, ...), H_k)``."""
-    entering = torch.empty_like(local)
-    if h is None:
-        entering[:, 0].zero_()
-    else:
-        entering[:, 0].copy_(h)
-    for j in range(local.shape[1] - 1):
-        torch.addcmul(local[:, j], decay_end[:, j], entering[:, j], out=entering[:, j + 1])
-    return entering, torch.addcmul(local[:, -1], decay_end[:, -1], entering[:, -1])
-
-
-def _pass_gradients(local: torch.Tensor, decay_end: torch.Tensor, g: torch.Tensor | None):
-    """The adjoint of :func:`_pass_states`: ``g`` is the gradient of the state after the block
-    (zero if ``None``), ``local`` the gradient each chunk's outputs send to the state entering
-    it. Returns ``(ends (b, k, ...), entering)``: the gradient of the state at the end of each
-    chunk, and that of the state entering the block."""
-    ends = torch.empty_like(local)
-    last = local.shape[1] - 1
-    if g is None:
-        ends[:, last].zero_()
-    else:
-        ends[:, last].copy_(g)
-    for j in range(last, 0, -1):
-        torch.addcmul(local[:, j], decay_end[:, j], ends[:, j], out=ends[:, j - 1])
-    return ends, torch.addcmul(local[:, 0], decay_end[:, 0], ends[:, 0])
-
-
-def _layout(x: torch.Tensor, B: torch.Tensor, chunk: int) -> tuple[int, int]:
-    """``(chunk, span)``: the chunk length used for ``x`` and the steps of one block."""
-    b, T, h, p = x.shape
-    chunk = max(1, min(chunk, T))
-    return chunk, chunk * _chunks_per_block(b, h, p, B.shape[-1], chunk)
-
-
-def _state_views(b: int, k: int, groups: int, n: int, h: int, p: int):
-    """Shapes of the states passed between chunks: ``(b, k, g, n, h / g, p)`` (a group's heads
-    side by side, so that ``B`` and ``C`` multiply them once per group) and of the per-head
-    chunk decays broadcast against them."""
-    return (b, k, groups, n, h // groups, p), (b, k, groups, 1, h // groups, 1)
 
 
 def _grouped(t: torch.Tensor, groups: int) -> torch.Tensor:
@@ -265,10 +159,15 @@ class _Span:
         inner[:, :, self.fast // per_group, :, self.fast % per_group, :] = values.permute(2, 0, 1, 3, 4)
 
 
-def _span_length(b: int, h: int, p: int, chunk: int) -> int:
+def _span_length(b: int, h: int, p: int, n: int, chunk: int, states: bool = False) -> int:
     """Steps per span: a whole number of chunks whose ``(steps, heads * head_dim)`` working
-    tensors stay near ``SPAN_ELEMENTS``."""
-    return chunk * max(1, SPAN_ELEMENTS // (b * chunk * h * p))
+    tensors stay near ``SPAN_ELEMENTS``; with ``states`` (the true gradient, which keeps the
+    state entering every chunk of a span, and its gradient), also whose states stay near
+    ``STATE_ELEMENTS``."""
+    chunks = SPAN_ELEMENTS // (b * chunk * h * p)
+    if states:
+        chunks = min(chunks, STATE_ELEMENTS // (b * n * h * p))
+    return chunk * max(1, chunks)
 
 
 def ssd_scan_fwd_torch(x, dt, A, B, C, D, chunk: int = DEFAULT_CHUNK, starts: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -279,21 +178,19 @@ def ssd_scan_fwd_torch(x, dt, A, B, C, D, chunk: int = DEFAULT_CHUNK, starts: li
     the inputs weighted by their decay to the chunk's end, ``C . B`` once per group, the
     within-chunk outputs. Only the state, ``(n, (h / g) p)`` per group, is carried from chunk to
     chunk, by two matrix products per chunk (the state read by the chunk's outputs, and the
-    chunk's inputs added to it), so it stays in cache. With ``starts`` (a list), one tensor
-    ``(b, chunks, g, n, h / g, p)`` holding the state entering every chunk is appended to it
-    (what the true gradient's backward restarts from)."""
+    chunk's inputs added to it), so it stays in cache. With ``starts`` (a list; for the true
+    gradient), the spans are sized for its backward, and appended to ``starts`` are the state
+    entering each span, ``(b * g, n, (h / g) p)``, then ``y`` without its skip term ``D x``."""
     b, T, h, p = x.shape
     groups, n = B.shape[2], B.shape[3]
     per_group = h // groups
     chunk = max(1, min(chunk, T))
-    span = _span_length(b, h, p, chunk)
+    span = _span_length(b, h, p, n, chunk, states=starts is not None)
     y = x.new_empty(b, T, h, p)
     state = x.new_zeros(b * groups, n, per_group * p)
-    entering = None
-    if starts is not None:
-        entering = x.new_empty(b, -(-T // chunk), groups, n, per_group, p)
-        starts.append(entering)
     for t0 in range(0, T, span):
+        if starts is not None:
+            starts.append(state.clone())
         t1 = min(T, t0 + span)
         s = _Span(dt, A, B, C, t0, t1, chunk, x.dtype)
         k, _, _, L, _ = s.grouped_shape
@@ -308,8 +205,6 @@ def ssd_scan_fwd_torch(x, dt, A, B, C, D, chunk: int = DEFAULT_CHUNK, starts: li
         read = x.new_empty(k, b, groups, L, per_group * p)  # C_l . state entering the chunk
         Ck, Bk, wk, rk = s.chunk_views(s.C, s.B, weighted, read)
         for j in range(k):
-            if entering is not None:
-                entering[:, t0 // chunk + j].copy_(state.view(b, groups, n, per_group, p))
             torch.bmm(Ck[j], state, out=rk[j])
             state.view(b * groups, n, per_group, p).mul_(s.decay_end[j])
             state.baddbmm_(Bk[j].transpose(-1, -2), wk[j])
@@ -318,6 +213,8 @@ def ssd_scan_fwd_torch(x, dt, A, B, C, D, chunk: int = DEFAULT_CHUNK, starts: li
         torch.mul(inner.view(weighted.shape), _grouped_heads(up, groups), out=grouped)
         grouped.addcmul_(read.view(weighted.shape), _grouped_heads(s.la.exp(), groups))
         _store(y, t0, t1, out)
+    if starts is not None:
+        starts.append(y.clone())
     return _add_skip(y, D, x)
 
 
@@ -331,7 +228,7 @@ def ssd_scan_lrp_bwd_torch(g, dt, A, B, C, D, chunk: int = DEFAULT_CHUNK) -> tor
     groups, n = B.shape[2], B.shape[3]
     per_group = h // groups
     chunk = max(1, min(chunk, T))
-    span = _span_length(b, h, p, chunk)
+    span = _span_length(b, h, p, n, chunk)
     dx = g.new_empty(b, T, h, p)
     state = g.new_zeros(b * groups, n, per_group * p)  # gradient of the state after the span
     for t0 in reversed(range(0, T, span)):
@@ -386,114 +283,109 @@ def ssd_scan_lrp(x, dt, A, B, C, D=None) -> torch.Tensor:
     return SSDScanLRPFn.apply(x, dt, A, B, C, D)
 
 
-def _block_grad(g, x, dt, A, B, C, entering, gh):
-    """Gradients of one block of chunks (``g, x (b, k, L, h, p)``, ``dt (b, k, L, h)``,
-    ``B, C (b, k, L, g, n)``), from the states entering its chunks (as :func:`ssd_scan_fwd_torch`
-    saves them) and the gradient ``gh`` of the state after it (``None``: zero).
+def _span_grad(s: _Span, gs, xs, y_core, A, start, G):
+    """The true gradient over one span of chunks: ``gs``, ``xs``, ``y_core`` (``y - D x``) the
+    span's ``(b, k, L, h, p)`` steps, ``start`` the state entering it, ``G`` the gradient of the
+    state after it (updated in place to that of the state entering it).
+
+    Besides what the SSM rule's adjoint computes, the gradient of the log decays is read off the
+    outputs and the inputs: every term of ``y_l - D x_l`` carries ``+la_l`` once and every term an
+    input ``x_s`` feeds carries ``-la_s`` once, so ``dla_l = g_l . (y_l - D x_l) - x_l . (dx_l - D
+    g_l)``, plus ``<G_out, H_out>`` at each chunk's last step (the state's decay and inputs).
 
     Returns:
-        ``(dx, ddt, dA, dB, dC, g_entering)`` in the block's layout, the last the gradient of the
-        state entering the block.
+        ``(dx, ddt, dA, dB, dC)`` without the skip term, in the span's ``(b, k, L, ...)`` layout.
     """
-    b, k, L, h, p = x.shape
-    groups, n = B.shape[3], B.shape[4]
-    la = _log_decays(dt, A, B.dtype)
-    cb = _scores_cb(B, C)
-    if _factored(la):
-        return _block_grad_factored(g, x, dt, A, B, C, la, cb, entering, gh)
-    decay, scores = _segment_terms(la, cb, keep_decay=True)
-    grow, to_end, decay_end = _decays(la)
-    Bg, Cg = B.transpose(2, 3), C.transpose(2, 3)  # (b, k, g, L, n)
-    xd = x * dt.unsqueeze(-1)
-    grown = _by_group(g * grow.unsqueeze(-1), groups)  # (b, k, g, L, (h / g) * p)
-    shape, decay_shape = _state_views(b, k, groups, n, h, p)
-    ends, g_entering = _pass_gradients(torch.matmul(Cg.transpose(-1, -2), grown).view(shape), decay_end.reshape(decay_shape), gh)
-    ends_m, entering_m = ends.flatten(4), entering.flatten(4)  # (b, k, g, n, (h / g) * p)
-    gT, xdT = g.transpose(2, 3), xd.transpose(2, 3)  # (b, k, h, L, p)
-    dxd = torch.matmul(scores.transpose(-1, -2), gT).transpose(2, 3)
-    dscores = torch.matmul(gT, xdT.transpose(-1, -2))  # g_l . xd_s per head
-    dseg = dscores * scores  # gradient of the log segment decays (zero above the diagonal)
-    dcb = dscores.mul_(decay).view(b, k, groups, h // groups, L, L).sum(3)  # gradient of C_l . B_s
-    dC = torch.matmul(dcb, Bg)
-    dB = torch.matmul(dcb.transpose(-1, -2), Cg)
-    dla = dseg.sum(-1) - dseg.sum(-2)  # la_l enters as +la_l in row l and as -la_s in column s
-    # The state entering each chunk, read by its outputs: y_l += exp(la_l) C_l H.
-    dC += torch.matmul(grown, entering_m.transpose(-1, -2))
-    dla += (grown * torch.matmul(Cg, entering_m)).unflatten(-1, (h // groups, p)).sum(-1).transpose(-1, -2).reshape(b, k, h, L)
-    # Each step's input carried to the chunk's end: H_end += exp(la_end - la_s) B_s xd_s.
-    ghB = _from_groups(torch.matmul(Bg, ends_m), h)  # (b, k, L, h, p)
-    dxd.addcmul_(ghB, to_end.unsqueeze(-1))
-    dw = (xd * ghB).sum(-1).mul_(to_end)  # (b, k, L, h)
-    dB += torch.matmul(_by_group(xd.mul_(to_end.unsqueeze(-1)), groups), ends_m.transpose(-1, -2))
-    dw = dw.transpose(2, 3)
-    dla -= dw
-    dla[..., -1] += dw.sum(-1) + decay_end * (ends * entering).sum((3, 5)).view(b, k, h)
-    da = dla.flip(-1).cumsum(-1).flip(-1)  # la = cumsum(dt * A) within each chunk
-    dtT = dt.transpose(2, 3)
-    ddt = (dxd * x).sum(-1).addcmul_(da.transpose(2, 3), A)
-    dA = (da * dtT).sum((0, 1, 3))
-    dx = dxd.mul_(dt.unsqueeze(-1))
-    return dx, ddt, dA, dB.transpose(2, 3), dC.transpose(2, 3), g_entering
+    k, b, groups, L, per_group = s.grouped_shape
+    p, n = gs.shape[-1], s.B.shape[-1]
+    shape = (k, b, groups, L, per_group, p)
+    weighted = gs.new_empty(shape)  # xs: dt x decayed to the chunk's end, as the forward has it
+    torch.mul(_grouped(xs, groups), _grouped_heads(s.dt * s.to_end, groups), out=weighted)
+    grown = gs.new_empty(shape)  # exp(la) g
+    torch.mul(_grouped(gs, groups), _grouped_heads(s.la.exp(), groups), out=grown)
+    Ck, Bk, wk, gk = s.chunk_views(s.C, s.B, weighted, grown)
+    # The states entering each chunk and the one after the last, recomputed from the span's start.
+    states = gs.new_empty(k + 1, *start.shape)
+    states[0].copy_(start)
+    for j in range(k):
+        torch.mul(states[j].view(b * groups, n, per_group, p), s.decay_end[j], out=states[j + 1].view(b * groups, n, per_group, p))
+        states[j + 1].baddbmm_(Bk[j].transpose(-1, -2), wk[j])
+    # The gradients of the states after each chunk, carried backwards.
+    ends = gs.new_empty(k, *start.shape)
+    ends[k - 1].copy_(G)
+    for j in range(k - 1, -1, -1):
+        before = ends[j - 1] if j else G
+        torch.mul(ends[j].view(b * groups, n, per_group, p), s.decay_end[j], out=before.view(b * groups, n, per_group, p))
+        before.baddbmm_(Ck[j].transpose(-1, -2), gk[j])
+    inner = torch.matmul(s.cb.transpose(-1, -2), grown.view(k, b, groups, L, per_group * p)).view(shape)
+    down = torch.exp(-s.la)
+    up = torch.exp(s.la - s.la[:, :, -1:])  # the within-chunk outputs' factor (zero for fast heads)
+    if s.fast is not None:
+        s.put_fast(inner, s.fast_terms(gs[..., s.fast, :], reverse=True))
+        down[..., s.fast] = 1
+        up[..., s.fast] = 0
+    # The bracket of dx = dt * bracket: the within-chunk terms and B_s . G_out.
+    bracket = torch.matmul(Bk, ends).view(shape).mul_(_grouped_heads(s.to_end, groups))
+    bracket.addcmul_(inner, _grouped_heads(down, groups))
+    dx = bracket * _grouped_heads(s.dt, groups)
+    ddt = (bracket * _grouped(xs, groups)).sum(-1).permute(1, 0, 3, 2, 4).flatten(3)  # (b, k, L, h)
+    # d(C_l . B_s) within chunks: (exp(la_l - la_end) g_l) . xs_s, and each fast head's own terms.
+    g_up = _grouped(gs, groups) * _grouped_heads(up, groups)
+    dcb = torch.matmul(g_up.view(k, b, groups, L, per_group * p), weighted.view(k, b, groups, L, per_group * p).transpose(-1, -2))
+    if s.fast is not None:
+        la = s.la[..., s.fast].transpose(2, 3)  # (b, k, f, L)
+        decay = (la.unsqueeze(-1) - la.unsqueeze(-2)).masked_fill_(_above(L, la.device), float("-inf")).exp_().transpose(0, 1)
+        xd = (xs[..., s.fast, :] * s.dt[..., s.fast, None]).permute(1, 0, 3, 2, 4)
+        products = torch.matmul(gs[..., s.fast, :].permute(1, 0, 3, 2, 4), xd.transpose(-1, -2)).mul_(decay)
+        dcb.index_add_(2, s.fast // per_group, products)
+    dcb.masked_fill_(_above(L, dcb.device), 0)
+    dC = torch.matmul(dcb, s.B).add_(torch.matmul(gk, states[:k].transpose(-1, -2)).view(k, b, groups, L, n))
+    dB = torch.matmul(dcb.transpose(-1, -2), s.C).add_(torch.matmul(wk, ends.transpose(-1, -2)).view(k, b, groups, L, n))
+    # Gradient of the log decays, then of dt and A through their cumulative sums.
+    dla = (_grouped(gs, groups) * _grouped(y_core, groups)).sum(-1).permute(1, 0, 3, 2, 4).flatten(3) - s.dt * ddt
+    through_end = (ends * states[1:]).view(k, b, groups, n, per_group, p).sum((3, 5))  # <G_out, H_out>
+    dla[:, :, -1] += through_end.transpose(0, 1).flatten(2)
+    da = dla.flip(2).cumsum(2).flip(2)
+    ddt.addcmul_(da, A)
+    dA = (da * s.dt).sum((0, 1, 2))
+    return (
+        _from_grouped(dx), ddt, dA,
+        dB.permute(1, 0, 3, 2, 4), dC.permute(1, 0, 3, 2, 4),
+    )
 
 
-def _block_grad_factored(g, x, dt, A, B, C, la, cb, entering, gh):
-    """:func:`_block_grad` with the decays factored (:func:`_factored`): with ``g' = exp(c) g``,
-    ``x' = exp(-c) dt x`` and the states scaled by ``exp(la_end / 2)``, every within-chunk term is
-    one matrix product per group, and the gradient of the log decays is read off the forward's
-    and the adjoint's outputs (``P``, ``Q``) instead of the ``(L, L)`` decays of each head."""
-    b, k, L, h, p = x.shape
-    groups, n = B.shape[3], B.shape[4]
-    up, down, half, decay_end = _factors(la)
-    shape, decay_shape = _state_views(b, k, groups, n, h, p)
-    half_s = half.reshape(decay_shape)
-    Bg, Cg = B.transpose(2, 3), C.transpose(2, 3)  # (b, k, g, L, n)
-    w = dt * down
-    xg = _by_group(x * w.unsqueeze(-1), groups)  # x' by group: (b, k, g, L, (h / g) * p)
-    gp = g * up.unsqueeze(-1)
-    gg = _by_group(gp, groups)
-    ends, g_entering = _pass_gradients(torch.matmul(Cg.transpose(-1, -2), gg).view(shape).mul_(half_s), decay_end.reshape(decay_shape), gh)
-    ends_s, entering_s = (ends * half_s).flatten(4), (entering * half_s).flatten(4)
-    dcb = torch.matmul(gg, xg.transpose(-1, -2)).masked_fill_(_above(L, x.device), 0)
-    P = _from_groups(torch.matmul(cb, xg).add_(torch.matmul(Cg, entering_s)), h)  # y = exp(c) P
-    Q = _from_groups(torch.matmul(cb.transpose(-1, -2), gg).add_(torch.matmul(Bg, ends_s)), h)  # dx = w Q
-    dC = torch.matmul(dcb, Bg).add_(torch.matmul(gg, entering_s.transpose(-1, -2)))
-    dB = torch.matmul(dcb.transpose(-1, -2), Cg).add_(torch.matmul(xg, ends_s.transpose(-1, -2)))
-    qx = (Q * x).sum(-1)  # (b, k, L, h)
-    dla = ((gp * P).sum(-1) - qx * w).transpose(2, 3).contiguous()
-    # The inputs carried to each chunk's end, and the state entering it, through exp(la_end).
-    carried = (torch.matmul(Bg.transpose(-1, -2), xg) * ends_s).view(shape).sum((3, 5)).view(b, k, h)
-    dla[..., -1] += carried + decay_end * (ends * entering).sum((3, 5)).view(b, k, h)
-    da = dla.flip(-1).cumsum(-1).flip(-1)  # la = cumsum(dt * A) within each chunk
-    ddt = (qx * down).addcmul_(da.transpose(2, 3), A)
-    dA = (da * dt.transpose(2, 3)).sum((0, 1, 3))
-    dx = Q.mul_(w.unsqueeze(-1))
-    return dx, ddt, dA, dB.transpose(2, 3), dC.transpose(2, 3), g_entering
+def _from_grouped(t: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_grouped` for ``(k, b, g, L, h / g, p)``: ``(b, k, L, h, p)``."""
+    return t.permute(1, 0, 3, 2, 4, 5).flatten(3, 4)
 
 
 def ssd_scan_grad_bwd_torch(g, x, dt, A, B, C, D, starts: list[torch.Tensor], chunk: int, needs: tuple[bool, ...]):
     """The true gradient of the SSD scan; float32 inputs.
 
-    Walks the blocks of chunks backwards from the states the forward saved entering each chunk
-    (``starts``, one tensor),
-    carrying the gradient of the state between blocks, with each block's gradients in closed
-    form (:func:`_block_grad`).
+    Walks the spans backwards from what the forward saved (``starts``: the state entering each
+    span, then ``y - D x``), carrying the gradient of the state between spans; within a span,
+    the states entering its chunks are recomputed, and each gradient is in closed form
+    (:func:`_span_grad`).
 
     Returns:
         ``(dx, ddt, dA, dB, dC, dD)``; an entry is ``None`` where ``needs`` says it is not wanted.
     """
     b, T, h, p = x.shape
-    chunk, span = _layout(x, B, chunk)
+    groups, n = B.shape[2], B.shape[3]
+    chunk = max(1, min(chunk, T))
+    span = _span_length(b, h, p, n, chunk, states=True)
+    *entering, y_core = starts
     dx, ddt = x.new_empty(b, T, h, p), dt.new_empty(b, T, h)
     dB, dC = B.new_empty(B.shape), C.new_empty(C.shape)
     dA = torch.zeros_like(A)
-    gh = None
-    for t0 in reversed(range(0, T, span)):
+    G = x.new_zeros(b * groups, n, (h // groups) * p)
+    for index, t0 in reversed(list(enumerate(range(0, T, span)))):
         t1 = min(T, t0 + span)
-        gs, xs, dts, Bs, Cs = (_split(t, t0, t1, chunk) for t in (g, x, dt, B, C))
-        entering = starts[0][:, t0 // chunk : t0 // chunk + gs.shape[1]]
-        dx_b, ddt_b, dA_b, dB_b, dC_b, gh = _block_grad(gs, xs, dts, A, Bs, Cs, entering, gh)
-        dA += dA_b
-        for dest, block in ((dx, dx_b), (ddt, ddt_b), (dB, dB_b), (dC, dC_b)):
+        s = _Span(dt, A, B, C, t0, t1, chunk, x.dtype)
+        gs, xs, ys = (_split(t, t0, t1, chunk) for t in (g, x, y_core))
+        dx_s, ddt_s, dA_s, dB_s, dC_s = _span_grad(s, gs, xs, ys, A, entering[index], G)
+        dA += dA_s
+        for dest, block in ((dx, dx_s), (ddt, ddt_s), (dB, dB_s), (dC, dC_s)):
             dest[:, t0:t1] = block.flatten(1, 2)[:, : t1 - t0]
     dD = None
     if D is not None:
@@ -507,7 +399,7 @@ def ssd_scan_grad_bwd_torch(g, x, dt, A, B, C, D, starts: list[torch.Tensor], ch
 SSDScanGradFn = scan_grad_function(
     ssd_scan_fwd_torch,
     ssd_scan_grad_bwd_torch,
-    'Forward: the chunked SSD scan. Backward: its true gradient in every input, chunk by chunk from the states saved at the chunk borders.',
+    'Forward: the chunked SSD scan. Backward: its true gradient in every input, span by span from the states saved at the span borders.',
 )
 
 
