@@ -108,6 +108,31 @@ def test_depthwise_conv_paddings_equal_torch(kernel):
             ops.conv_padding(bad, kernel)
 
 
+@pytest.mark.parametrize("time_major", [False, True], ids=["channel-major", "time-major"])
+@pytest.mark.parametrize("padding", ["causal", "same", (0, 3), (2, 5), (3, 3)])
+def test_depthwise_conv_matches_torch_in_every_gradient_and_keeps_the_layout(padding, time_major):
+    """The shifted multiply-adds equal torch's conv in value and in the gradients of the input,
+    the weight and the bias; a time-major input (a transposed view, as the mixers pass it) gives
+    a time-major result and input gradient."""
+    b, d, T, k = 2, 5, 9, 4
+    x = torch.randn(b, T, d, dtype=f64).transpose(1, 2) if time_major else torch.randn(b, d, T, dtype=f64)
+    w, bias = torch.randn(d, 1, k, dtype=f64), torch.randn(d, dtype=f64)
+    left, right = ops.conv_padding(padding, k)
+    args = [t.clone().requires_grad_() for t in (x, w, bias)]
+    ref_args = [t.clone().requires_grad_() for t in (x, w, bias)]
+    out = ops.depthwise_conv1d(*args, padding)
+    ref = F.conv1d(F.pad(ref_args[0], (left, right)), ref_args[1], ref_args[2], groups=d)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    g = torch.randn_like(ref)
+    for got, want in zip(torch.autograd.grad(out, args, g, retain_graph=True), torch.autograd.grad(ref, ref_args, g)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    if time_major:
+        assert out.transpose(1, 2).is_contiguous()
+        assert torch.autograd.grad(out, args[0], g.transpose(1, 2).contiguous().transpose(1, 2))[0].transpose(1, 2).is_contiguous()
+    with pytest.raises(ValueError, match="does not fit"):
+        ops.depthwise_conv1d(x[..., :1], w, None, (0, 0))
+
+
 @pytest.mark.parametrize("padding", ["same", (2, 1)])
 def test_depthwise_conv_gradient_is_exact_lrp0_and_rules_accept_padding(padding):
     d, k = 4, 4
@@ -123,3 +148,33 @@ def test_depthwise_conv_gradient_is_exact_lrp0_and_rules_accept_padding(padding)
         torch.testing.assert_close(dx_rule, dx_ref)
     eps_rules = mambalrp.MAMBALRP.with_linear(mambalrp.Epsilon(1e-3))
     torch.testing.assert_close(eps_rules.conv1d(x, w, None, padding), y)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_split_linear_equals_the_linear_map_and_multiplies_only_parts_with_a_gradient(with_bias, monkeypatch):
+    """The parts are the linear map's output split; the input gradient (and the weight's) equals
+    torch's when every part gets a gradient and when some are held constant, and a constant
+    part costs no matrix product in the backward."""
+    x = torch.randn(2, 5, 6, dtype=f64)
+    w = torch.randn(9, 6, dtype=f64)
+    bias = torch.randn(9, dtype=f64) if with_bias else None
+    sizes = [4, 3, 2]
+    for used in ([0, 1, 2], [0, 2], [1]):
+        args = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+        ref_args = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+        parts = ops.split_linear(args[0], args[1], bias, sizes)
+        ref_parts = F.linear(ref_args[0], ref_args[1], bias).split(sizes, dim=-1)
+        for got, want in zip(parts, ref_parts):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        grads = [torch.randn_like(parts[i]) for i in used]
+        got = torch.autograd.grad([parts[i] for i in used], args, grads)
+        want = torch.autograd.grad([ref_parts[i] for i in used], ref_args, grads)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    products = []
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: products.append(a[1].shape) or torch.matmul(*a, **k))
+    z, _, dt = ops.split_linear(x.clone().requires_grad_(), w, None, sizes)
+    (z.sum() + 0 * dt.detach().sum()).backward()
+    assert products == [(4, 6)]  # only z's rows of the weight
+    with pytest.raises(ValueError, match="do not split"):
+        ops.split_linear(x, w, None, [4, 4])

@@ -204,3 +204,21 @@ def test_zamba_lookalike_with_split_halves_is_not_explained():
     model.model.layers[0].mamba.__class__ = Halves
     with pytest.raises(mambalrp.VerificationError, match=r"different function.*'model\.layers\.0\.mamba'"):
         mambalrp.explain(model, IDS, rules=CP)
+
+
+@pytest.mark.parametrize("family", ["mamba2", "falcon_h1_tiny", "falcon_h1_0_5b", "bamba"])
+def test_mamba2_mixer_in_parts_equals_the_whole_projection(family, monkeypatch):
+    """Without taps or hooks the Mamba-2 adapter computes ``in_proj`` in parts and convolves x
+    apart from (B, C); the relevance (left-padded batch, Falcon-H1's muP vector and biases) equals
+    that of the whole projection, which taps and patched linear rules still use."""
+    from mambalrp.adapters import hf_mamba2
+    from mambalrp.testing import tiny_mamba2
+
+    model = tiny_mamba2(0) if family == "mamba2" else make(family)
+    ids = torch.randint(1, 60, (2, 13), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    parts = mambalrp.explain(model, ids, attention_mask=mask, verify=False).relevance
+    monkeypatch.setattr(hf_mamba2, "whole_output_needed", lambda ctx, linear: True)
+    whole = mambalrp.explain(model, ids, attention_mask=mask, verify=False).relevance
+    torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-6)

@@ -96,6 +96,18 @@ def mask_padding(x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.
     return (x * attention_mask[:, :, None]).to(x.dtype)
 
 
+def whole_output_needed(ctx: LRPContext, linear: nn.Module) -> bool:
+    """Whether a projection must run as the module call it is and be tapped whole: a tap is
+    installed (hooks on the intermediates), the module is not a plain ``nn.Linear``, carries
+    hooks, or the rule set replaces linear layers (epsilon, gamma). Otherwise an adapter may
+    compute it in parts with :func:`mambalrp.functional.split_linear`."""
+    from torch.nn.modules import module as torch_module
+
+    hooked = bool(
+        linear._forward_hooks or linear._forward_pre_hooks or linear._backward_hooks
+        or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+    )
+    return ctx.tap_fn is not None or type(linear) is not nn.Linear or hooked or ctx.rules.patches_linear
 
 
 def code_names(module: nn.Module) -> tuple[str, ...]:

@@ -22,8 +22,10 @@ from mambalrp.adapters.base import (
     first_problem,
     has_attrs,
     mask_padding,
+    whole_output_needed,
 )
 from mambalrp.context import LRPContext
+from mambalrp.functional.linear import split_linear
 
 
 class HFMamba2MixerAdapter(Adapter):
@@ -82,16 +84,29 @@ class HFMamba2MixerAdapter(Adapter):
         scale = getattr(module, "ssm_in_multiplier", None)
         if scale is not None:  # Falcon-H1: scalar input scale
             hidden_states = hidden_states * scale
-        projected = module.in_proj(hidden_states)
-        mup = getattr(module, "mup_vector", None)
-        if mup is not None:  # Falcon-H1: per-channel muP scale of (z, x, B, C, dt)
-            projected = projected * mup
-        projected = ctx.tap(module, "in_proj", projected)
-        z, xBC, dt = projected.split([d, conv_dim, h], dim=-1)
-
-        xBC = ctx.tap(module, "conv", R.conv1d(xBC.transpose(1, 2), module.conv1d.weight, module.conv1d.bias))
-        xBC = mask_padding(R.act(xBC).transpose(1, 2), attention_mask)
-        x, B, C = torch.split(xBC, [d, g * n, g * n], dim=-1)
+        mup = getattr(module, "mup_vector", None)  # Falcon-H1: per-channel muP scale of (z, x, B, C, dt)
+        conv = module.conv1d
+        if whole_output_needed(ctx, module.in_proj):
+            projected = module.in_proj(hidden_states)
+            if mup is not None:
+                projected = projected * mup
+            projected = ctx.tap(module, "in_proj", projected)
+            z, xBC, dt = projected.split([d, conv_dim, h], dim=-1)
+            xBC = ctx.tap(module, "conv", R.conv1d(xBC.transpose(1, 2), conv.weight, conv.bias))
+            xBC = mask_padding(R.act(xBC).transpose(1, 2), attention_mask)
+            x, B, C = torch.split(xBC, [d, g * n, g * n], dim=-1)
+        else:
+            # In parts: the backward then multiplies only what gets a gradient (z and x under the
+            # SSM rule), with no concatenation of the parts' gradients; the conv is depthwise,
+            # so x and (B, C) are convolved apart.
+            widths = [d, d, 2 * g * n, h]
+            z, x, BC, dt = split_linear(hidden_states, module.in_proj.weight, module.in_proj.bias, widths)
+            if mup is not None:
+                z, x, BC, dt = (part * scale_ for part, scale_ in zip((z, x, BC, dt), mup.split(widths, dim=-1)))
+            bias = (None, None) if conv.bias is None else (conv.bias[:d], conv.bias[d:])
+            x = mask_padding(R.act(R.conv1d(x.transpose(1, 2), conv.weight[:d], bias[0])).transpose(1, 2), attention_mask)
+            BC = mask_padding(R.act(R.conv1d(BC.transpose(1, 2), conv.weight[d:], bias[1])).transpose(1, 2), attention_mask)
+            B, C = BC.split([g * n, g * n], dim=-1)
         x = ctx.tap(module, "ssm_input", x)
         B, C = ctx.tap(module, "B", R.ssm_coefficient(B)), ctx.tap(module, "C", R.ssm_coefficient(C))
 

@@ -33,6 +33,7 @@ from mambalrp.functional.linear import (
     ConvPadding,
     EpsilonLinearFn,
     GammaLinearFn,
+    SplitLinearFn,
     causal_conv1d,
     conv_padding,
     depthwise_conv1d,
@@ -40,6 +41,7 @@ from mambalrp.functional.linear import (
     epsilon_linear_ref,
     gamma_linear,
     gamma_linear_ref,
+    split_linear,
 )
 from mambalrp.functional.mamba3 import (
     Mamba3ScanLRPFn,
@@ -82,6 +84,7 @@ __all__ = [
     "SelectiveScanLRPFn",
     "SiLUIdentityFn",
     "SoftmaxLRPFn",
+    "SplitLinearFn",
     "UniformMatmulFn",
     "attention",
     "causal_conv1d",
@@ -116,6 +119,7 @@ __all__ = [
     "silu_identity_ref",
     "softmax_lrp",
     "softmax_lrp_ref",
+    "split_linear",
     "ssd_scan",
     "ssd_scan_lrp",
     "ssd_scan_ref",

@@ -146,13 +146,14 @@ def _shifted_taps(v: torch.Tensor, taps: torch.Tensor, left: int, length: int, t
     where ``v`` has no step); ``taps (d, k)``, channels the other non-batch dimension."""
     shape = list(v.shape)
     steps, shape[time_dim] = shape[time_dim], length
-    out = v.new_zeros(shape)
     per_channel = taps.t() if time_dim == 1 else taps.t().unsqueeze(-1)  # (k, d) or (k, d, 1)
-    for j in range(taps.shape[-1]):
-        shift = j - left  # output t reads v[t + shift]
-        lo, hi = max(0, -shift), min(length, steps - shift)
-        if lo < hi:
-            _steps(out, lo, hi, time_dim).addcmul_(_steps(v, lo + shift, hi + shift, time_dim), per_channel[j])
+    spans = [(j, max(0, left - j), min(length, steps + left - j)) for j in range(taps.shape[-1])]
+    # A tap that reads a step for every output (the unshifted one of a causal conv) writes first.
+    first = next((j for j, lo, hi in spans if lo == 0 and hi == length), None)
+    out = v.new_zeros(shape) if first is None else torch.mul(_steps(v, first - left, first - left + length, time_dim), per_channel[first])
+    for j, lo, hi in spans:
+        if j != first and lo < hi:  # output t reads v[t + j - left]
+            _steps(out, lo, hi, time_dim).addcmul_(_steps(v, lo + j - left, hi + j - left, time_dim), per_channel[j])
     return out
 
 
@@ -164,6 +165,70 @@ def _tap_product(grad: torch.Tensor, x: torch.Tensor, shift: int, time_dim: int)
         return grad.new_zeros(grad.shape[channels])
     product = _steps(grad, lo, hi, time_dim) * _steps(x, lo + shift, hi + shift, time_dim)
     return product.sum((0, time_dim))
+
+
+class SplitLinearFn(torch.autograd.Function):
+    """``x @ weight.T`` split along its last dimension into parts of ``sizes``.
+
+    The backward multiplies only the parts that receive a gradient, each by its own rows of
+    ``weight``, accumulating into one input gradient: no concatenation of the parts' gradients,
+    and nothing multiplied for a part that is held constant (a Mamba-2 ``in_proj``'s ``B``,
+    ``C`` and ``dt`` under the SSM rule).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, sizes: tuple[int, ...]):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, weight)
+        ctx.sizes = sizes
+        return tuple(F.linear(x, weight).split(list(sizes), dim=-1))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, weight = ctx.saved_tensors
+        bounds = [0]
+        for size in ctx.sizes:
+            bounds.append(bounds[-1] + size)
+        parts = [(g.reshape(-1, g.shape[-1]), bounds[i], bounds[i + 1]) for i, g in enumerate(grads) if g is not None]
+        dx = dw = None
+        if ctx.needs_input_grad[0] and parts:
+            flat = None
+            for g, lo, hi in parts:
+                flat = torch.mm(g, weight[lo:hi]) if flat is None else flat.addmm_(g, weight[lo:hi])
+            dx = flat.view(*x.shape[:-1], weight.shape[1])
+        if ctx.needs_input_grad[1] and parts:
+            dw = weight.new_zeros(weight.shape)
+            rows = x.reshape(-1, x.shape[-1])
+            for g, lo, hi in parts:
+                dw[lo:hi] = g.t() @ rows
+        return dx, dw, None
+
+
+def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sizes: list[int] | tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """``F.linear(x, weight, bias).split(sizes, dim=-1)`` whose backward multiplies only the parts
+    that receive a gradient (:class:`SplitLinearFn`): the plain gradient (LRP-0) of a linear
+    map whose output is used in parts.
+
+    Args:
+        x: Input ``(..., in)``.
+        weight: ``(out, in)`` with ``out == sum(sizes)``.
+        bias: ``(out,)`` or ``None`` (added to each part outside the Function, a visible
+            addition, as the conservation checks expect).
+        sizes: Widths of the parts.
+
+    Returns:
+        The parts, ``(..., size)`` each.
+    """
+    sizes = tuple(int(n) for n in sizes)
+    if sum(sizes) != weight.shape[0]:
+        raise ValueError(f"parts of widths {list(sizes)} do not split an output of width {weight.shape[0]}")
+    parts = SplitLinearFn.apply(x, weight, sizes)
+    if bias is None:
+        return parts
+    bounds = [0]
+    for size in sizes:
+        bounds.append(bounds[-1] + size)
+    return tuple(part + bias[lo:hi] for part, lo, hi in zip(parts, bounds, bounds[1:]))
 
 
 def _vjp(op: LinearOp, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, padding: ConvPadding = "causal") -> torch.Tensor:
