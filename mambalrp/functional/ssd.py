@@ -139,19 +139,37 @@ class _Span:
         Bs, Cs = (_split(t, t0, t1, chunk).permute(1, 0, 3, 2, 4).contiguous() for t in (B, C))  # (k, b, g, L, n)
         self.B, self.C = Bs, Cs
         self.cb = torch.matmul(Cs, Bs.transpose(-1, -2)).masked_fill_(_above(L, Bs.device), 0)  # (k, b, g, L, L)
+        self._fast_decays: torch.Tensor | None = None
 
     def chunk_views(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
         """``(k, b, g, L, ...)`` tensors as ``(k, b * g, L, -1)``: one chunk's batched matrices."""
         k, b, g, L, _ = self.grouped_shape
         return [t.reshape(k, b * g, L, -1) for t in tensors]
 
+    def take_fast(self, t: torch.Tensor) -> torch.Tensor:
+        """The fast heads of a span's ``(b, k, L, h, p)`` steps as ``(k, b, f, L, p)`` (one copy)."""
+        return t.permute(1, 0, 3, 2, 4).index_select(2, self.fast)
+
+    @property
+    def fast_decays(self) -> torch.Tensor:
+        """``exp(la_l - la_s)`` of the fast heads (zero for ``s > l``), ``(k, b, f, L, L)``; computed once."""
+        if self._fast_decays is None:
+            la = self.la[..., self.fast].permute(1, 0, 3, 2)  # (k, b, f, L)
+            decay = (la.unsqueeze(-1) - la.unsqueeze(-2)).masked_fill_(_above(la.shape[-1], la.device), float("-inf"))
+            self._fast_decays = decay.exp_()
+        return self._fast_decays
+
+    def fast_dt(self) -> torch.Tensor:
+        """``dt`` of the fast heads as ``(k, b, f, 1, L)``: a factor on the columns ``s``."""
+        return self.dt[..., self.fast].permute(1, 0, 3, 2).unsqueeze(-2)
+
     def fast_terms(self, v: torch.Tensor, reverse: bool) -> torch.Tensor:
-        """The within-chunk terms of the fast heads, ``(k, b, f, L, p)``, from ``v (b, k, L, f, p)``
-        (their ``dt x`` in the forward, their gradient in the reverse scan)."""
-        la = self.la[..., self.fast].transpose(2, 3)  # (b, k, f, L)
-        decay = (la.unsqueeze(-1) - la.unsqueeze(-2)).masked_fill_(_above(la.shape[-1], la.device), float("-inf")).exp_()
-        scores = decay.transpose(0, 1).mul_(self.cb.index_select(2, self.fast // self.grouped_shape[-1]))
-        return torch.matmul(scores.transpose(-1, -2) if reverse else scores, v.permute(1, 0, 3, 2, 4))
+        """The within-chunk terms of the fast heads, ``(k, b, f, L, p)``, from ``v (k, b, f, L, p)``
+        (their ``x`` in the forward, times ``dt``; their gradient in the reverse scan)."""
+        scores = self.fast_decays * self.cb.index_select(2, self.fast // self.grouped_shape[-1])
+        if reverse:
+            return torch.matmul(scores.transpose(-1, -2), v)
+        return torch.matmul(scores.mul_(self.fast_dt()), v)
 
     def put_fast(self, inner: torch.Tensor, values: torch.Tensor) -> None:
         """Write ``values (k, b, f, L, p)`` into the fast heads of ``inner (k, b, g, L, h / g, p)``."""
@@ -200,7 +218,7 @@ def ssd_scan_fwd_torch(x, dt, A, B, C, D, chunk: int = DEFAULT_CHUNK, starts: li
         inner = torch.matmul(s.cb, weighted.view(k, b, groups, L, per_group * p))
         up = torch.exp(s.la - s.la[:, :, -1:])  # inner * up: the within-chunk outputs
         if s.fast is not None:
-            s.put_fast(inner.view(weighted.shape), s.fast_terms(xs[..., s.fast, :] * s.dt[..., s.fast, None], reverse=False))
+            s.put_fast(inner.view(weighted.shape), s.fast_terms(s.take_fast(xs), reverse=False))
             up[..., s.fast] = 1
         read = x.new_empty(k, b, groups, L, per_group * p)  # C_l . state entering the chunk
         Ck, Bk, wk, rk = s.chunk_views(s.C, s.B, weighted, read)
@@ -241,7 +259,7 @@ def ssd_scan_lrp_bwd_torch(g, dt, A, B, C, D, chunk: int = DEFAULT_CHUNK) -> tor
         inner = torch.matmul(s.cb.transpose(-1, -2), grown.view(k, b, groups, L, per_group * p))
         down = s.dt * torch.exp(-s.la)  # inner * down: the within-chunk terms of dx
         if s.fast is not None:
-            s.put_fast(inner.view(grown.shape), s.fast_terms(gs[..., s.fast, :], reverse=True))
+            s.put_fast(inner.view(grown.shape), s.fast_terms(s.take_fast(gs), reverse=True))
             down[..., s.fast] = s.dt[..., s.fast]
         read = g.new_empty(k, b, groups, L, per_group * p)  # B_s . gradient of the chunk's end state
         Ck, Bk, gk, rk = s.chunk_views(s.C, s.B, grown, read)
@@ -283,10 +301,11 @@ def ssd_scan_lrp(x, dt, A, B, C, D=None) -> torch.Tensor:
     return SSDScanLRPFn.apply(x, dt, A, B, C, D)
 
 
-def _span_grad(s: _Span, gs, xs, y_core, A, start, G):
+def _span_grad(s: _Span, gs, xs, y_core, A, start, G, dx_out):
     """The true gradient over one span of chunks: ``gs``, ``xs``, ``y_core`` (``y - D x``) the
     span's ``(b, k, L, h, p)`` steps, ``start`` the state entering it, ``G`` the gradient of the
-    state after it (updated in place to that of the state entering it).
+    state after it (updated in place to that of the state entering it), ``dx_out`` where ``dx``
+    (without the skip term) is written, ``(b, k, L, h, p)``.
 
     Besides what the SSM rule's adjoint computes, the gradient of the log decays is read off the
     outputs and the inputs: every term of ``y_l - D x_l`` carries ``+la_l`` once and every term an
@@ -294,7 +313,7 @@ def _span_grad(s: _Span, gs, xs, y_core, A, start, G):
     g_l)``, plus ``<G_out, H_out>`` at each chunk's last step (the state's decay and inputs).
 
     Returns:
-        ``(dx, ddt, dA, dB, dC)`` without the skip term, in the span's ``(b, k, L, ...)`` layout.
+        ``(ddt, dA, dB, dC)`` in the span's ``(b, k, L, ...)`` layout.
     """
     k, b, groups, L, per_group = s.grouped_shape
     p, n = gs.shape[-1], s.B.shape[-1]
@@ -321,22 +340,20 @@ def _span_grad(s: _Span, gs, xs, y_core, A, start, G):
     down = torch.exp(-s.la)
     up = torch.exp(s.la - s.la[:, :, -1:])  # the within-chunk outputs' factor (zero for fast heads)
     if s.fast is not None:
-        s.put_fast(inner, s.fast_terms(gs[..., s.fast, :], reverse=True))
+        g_fast = s.take_fast(gs)
+        s.put_fast(inner, s.fast_terms(g_fast, reverse=True))
         down[..., s.fast] = 1
         up[..., s.fast] = 0
     # The bracket of dx = dt * bracket: the within-chunk terms and B_s . G_out.
     bracket = torch.matmul(Bk, ends).view(shape).mul_(_grouped_heads(s.to_end, groups))
     bracket.addcmul_(inner, _grouped_heads(down, groups))
-    dx = bracket * _grouped_heads(s.dt, groups)
+    torch.mul(bracket, _grouped_heads(s.dt, groups), out=_grouped(dx_out, groups))
     ddt = (bracket * _grouped(xs, groups)).sum(-1).permute(1, 0, 3, 2, 4).flatten(3)  # (b, k, L, h)
     # d(C_l . B_s) within chunks: (exp(la_l - la_end) g_l) . xs_s, and each fast head's own terms.
     g_up = _grouped(gs, groups) * _grouped_heads(up, groups)
     dcb = torch.matmul(g_up.view(k, b, groups, L, per_group * p), weighted.view(k, b, groups, L, per_group * p).transpose(-1, -2))
     if s.fast is not None:
-        la = s.la[..., s.fast].transpose(2, 3)  # (b, k, f, L)
-        decay = (la.unsqueeze(-1) - la.unsqueeze(-2)).masked_fill_(_above(L, la.device), float("-inf")).exp_().transpose(0, 1)
-        xd = (xs[..., s.fast, :] * s.dt[..., s.fast, None]).permute(1, 0, 3, 2, 4)
-        products = torch.matmul(gs[..., s.fast, :].permute(1, 0, 3, 2, 4), xd.transpose(-1, -2)).mul_(decay)
+        products = torch.matmul(g_fast, s.take_fast(xs).transpose(-1, -2)).mul_(s.fast_decays).mul_(s.fast_dt())
         dcb.index_add_(2, s.fast // per_group, products)
     dcb.masked_fill_(_above(L, dcb.device), 0)
     dC = torch.matmul(dcb, s.B).add_(torch.matmul(gk, states[:k].transpose(-1, -2)).view(k, b, groups, L, n))
@@ -348,15 +365,7 @@ def _span_grad(s: _Span, gs, xs, y_core, A, start, G):
     da = dla.flip(2).cumsum(2).flip(2)
     ddt.addcmul_(da, A)
     dA = (da * s.dt).sum((0, 1, 2))
-    return (
-        _from_grouped(dx), ddt, dA,
-        dB.permute(1, 0, 3, 2, 4), dC.permute(1, 0, 3, 2, 4),
-    )
-
-
-def _from_grouped(t: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`_grouped` for ``(k, b, g, L, h / g, p)``: ``(b, k, L, h, p)``."""
-    return t.permute(1, 0, 3, 2, 4, 5).flatten(3, 4)
+    return ddt, dA, dB.permute(1, 0, 3, 2, 4), dC.permute(1, 0, 3, 2, 4)
 
 
 def ssd_scan_grad_bwd_torch(g, x, dt, A, B, C, D, starts: list[torch.Tensor], chunk: int, needs: tuple[bool, ...]):
@@ -383,9 +392,11 @@ def ssd_scan_grad_bwd_torch(g, x, dt, A, B, C, D, starts: list[torch.Tensor], ch
         t1 = min(T, t0 + span)
         s = _Span(dt, A, B, C, t0, t1, chunk, x.dtype)
         gs, xs, ys = (_split(t, t0, t1, chunk) for t in (g, x, y_core))
-        dx_s, ddt_s, dA_s, dB_s, dC_s = _span_grad(s, gs, xs, ys, A, entering[index], G)
+        out = _out(dx, t0, t1, chunk)
+        ddt_s, dA_s, dB_s, dC_s = _span_grad(s, gs, xs, ys, A, entering[index], G, out)
+        _store(dx, t0, t1, out)
         dA += dA_s
-        for dest, block in ((dx, dx_s), (ddt, ddt_s), (dB, dB_s), (dC, dC_s)):
+        for dest, block in ((ddt, ddt_s), (dB, dB_s), (dC, dC_s)):
             dest[:, t0:t1] = block.flatten(1, 2)[:, : t1 - t0]
     dD = None
     if D is not None:
