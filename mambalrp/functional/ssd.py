@@ -24,8 +24,11 @@ from mambalrp.functional.scan_fn import scan_grad_function, scan_lrp_function
 from mambalrp.functional.scan_core import acc
 
 DEFAULT_CHUNK = 32
-# Elements of one span's (steps, heads * head_dim) working tensors (see _span_length).
-SPAN_ELEMENTS = 1 << 22
+# Elements of one span's (steps, heads * head_dim) working tensors (see _span_length): 4 MiB in
+# float32, which the last-level cache holds. At mamba-130m's width and T = 4096 the rule's forward
+# and backward took 0.69x (fastest) to 0.91x (median) the time they took with 1 << 22 (8
+# interleaved rounds).
+SPAN_ELEMENTS = 1 << 20
 # Elements of the states the true gradient keeps for one span (see _span_length).
 STATE_ELEMENTS = 1 << 21
 # Largest decay of one chunk, -log(exp(la_end)), for which the decays are factored per step.
